@@ -1,0 +1,3 @@
+from adaptr.cli import main
+
+main()

@@ -1,0 +1,67 @@
+"""The ``adaptr`` command line: thin commands over :mod:`adaptr.services`.
+
+This module is the CLI's single error boundary: ``AdaptrError`` becomes one line on
+stderr and its exit code (0 ok, 1 failed, 2 invalid input, 3 verification failed,
+130 interrupted); no command catches domain errors itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from adaptr.errors import AdaptrError
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    click.echo(f"Error: {message}", err=True)
+    return typer.Exit(code)
+
+
+class AdaptrGroup(TyperGroup):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdaptrError as e:
+            raise _fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; nothing was registered", 130) from None
+        except click.exceptions.Abort:
+            raise _fail("aborted", 1) from None
+
+
+def build_app() -> typer.Typer:
+    from adaptr.cli import adapter, base, catalog, db, merge, plugins
+
+    app = typer.Typer(
+        cls=AdaptrGroup,
+        name="adaptr",
+        help="Catalog, merge, quantize and export LoRA adapters, with lineage.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+    )
+    catalog.register(app)
+    merge.register(app)
+    app.add_typer(base.app, name="base")
+    app.add_typer(adapter.app, name="adapter")
+    app.add_typer(db.app, name="db")
+    plugins.register(app)
+    from adaptr.plugins import get_host
+
+    get_host().pm.hook.register_commands(app=app)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app = build_app()
+    except AdaptrError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(e.exit_code)
+    app(args=argv, prog_name="adaptr")

@@ -1,0 +1,48 @@
+"""``adaptr adapter``: register and inspect LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adaptr.cli.output import JSON_OPTION, artifact_table, catalog, emit_json, show_artifact
+
+app = typer.Typer(help="Register and inspect LoRA adapters.", no_args_is_help=True)
+
+
+@app.command("add")
+def add(
+    path: Path = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + weights)."),
+    base: str = typer.Option(..., "--base", help="Catalog base model it was trained on (NAME[@N])."),
+    name: str = typer.Option(None, "--name", help="Catalog name (default: the folder name)."),
+    tag: list[str] = typer.Option([], "--tag", help="Tag to attach (repeatable)."),
+    new_version: bool = typer.Option(False, "--new-version", help="Add a new version of an existing name."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Validate an adapter against its base and copy it into the store."""
+    a = catalog().add_adapter(path, base=base, name=name, tags=tag, new_version=new_version)
+    if json:
+        emit_json(a)
+    else:
+        flags = f" [flags: {', '.join(a['flags'])}]" if a["flags"] else ""
+        typer.echo(f"registered {a['ref']} on {a['base']} ({a['content_hash'][:12]}){flags}")
+
+
+@app.command("ls")
+def ls(
+    base: str = typer.Option(None, "--base", help="Only adapters of this base."),
+    tag: str = typer.Option(None, "--tag"),
+    rank: int = typer.Option(None, "--rank"),
+    json: bool = JSON_OPTION,
+) -> None:
+    """List adapters."""
+    rows = catalog().ls(kind="adapter", base=base, tag=tag, rank=rank)
+    emit_json(rows) if json else artifact_table(rows)
+
+
+@app.command("show")
+def show(ref: str = typer.Argument(..., metavar="NAME[@N]"), json: bool = JSON_OPTION) -> None:
+    """Show one adapter, with its effective scaling per module."""
+    a = catalog().show(ref)
+    emit_json(a) if json else show_artifact(a)

@@ -1,0 +1,124 @@
+"""Catalog-wide commands: init, ls, show, lineage, rm, verify."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from adaptr.cli.output import JSON_OPTION, artifact_table, catalog, emit_json, show_artifact, stdout
+
+
+def init(json: bool = JSON_OPTION) -> None:
+    """Create the adaptr home (catalog database and store) if missing."""
+    from adaptr.catalog.db import ensure_schema
+    from adaptr.settings import get_settings
+
+    s = get_settings()
+    s.store.mkdir(parents=True, exist_ok=True)
+    ensure_schema()
+    info = {"home": str(s.home), "store": str(s.store), "database_url": s.database_url.split("@")[-1]}
+    if json:
+        emit_json(info)
+    else:
+        typer.echo(f"adaptr home: {info['home']}\ncatalog: {info['database_url']}")
+
+
+def ls(
+    kind: str = typer.Option(None, "--kind", help="base, adapter, merged, quantized or exported."),
+    base: str = typer.Option(None, "--base", help="Only artifacts built on this base (NAME or NAME@N)."),
+    tag: str = typer.Option(None, "--tag", help="Only artifacts with this tag."),
+    rank: int = typer.Option(None, "--rank", help="Only adapters of this LoRA rank."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """List every artifact version in the catalog."""
+    rows = catalog().ls(kind=kind, base=base, tag=tag, rank=rank)
+    emit_json(rows) if json else artifact_table(rows)
+
+
+def show(ref: str = typer.Argument(..., metavar="NAME[@N]"), json: bool = JSON_OPTION) -> None:
+    """Show one artifact: metadata, parents, files and hashes."""
+    a = catalog().show(ref)
+    emit_json(a) if json else show_artifact(a)
+
+
+def _tree(graph: dict[str, Any]) -> None:
+    from rich.tree import Tree
+
+    edges = graph["edges"]
+    nodes = {n["ref"]: n for n in graph["nodes"]}
+    children: dict[str, list[dict]] = {}
+    has_parent = set()
+    for e in edges:
+        children.setdefault(e["parent"], []).append(e)
+        has_parent.add(e["child"])
+
+    def label(ref: str) -> str:
+        n = nodes[ref]
+        mark = "[bold]" if ref == graph["root"] else ""
+        return f"{mark}{ref}{'[/bold]' if mark else ''} [dim]({n['kind']}, {n['content_hash'][:12]})[/dim]"
+
+    def grow(tree: Tree, ref: str, seen: set[str]) -> None:
+        for e in children.get(ref, []):
+            seed = f", seed {e['seed']}" if e["seed"] is not None else ""
+            sub = tree.add(f"{label(e['child'])} [cyan]← {e['operation']}[/cyan] [dim]{e['plugin'] or ''}{seed}[/dim]")
+            if e["child"] not in seen:
+                grow(sub, e["child"], seen | {e["child"]})
+
+    out = stdout()
+    for root in sorted(r for r in nodes if r not in has_parent):
+        t = Tree(label(root))
+        grow(t, root, {root})
+        out.print(t)
+
+
+def lineage(ref: str = typer.Argument(..., metavar="NAME[@N]"), json: bool = JSON_OPTION) -> None:
+    """Show an artifact's ancestors and descendants as a tree."""
+    g = catalog().lineage(ref)
+    emit_json(g) if json else _tree(g)
+
+
+def rm(
+    ref: str = typer.Argument(..., metavar="NAME[@N]", help="NAME removes every version, NAME@N one."),
+    force: bool = typer.Option(False, "--force", help="Also remove every artifact derived from it."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation with --force."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Remove an artifact from the catalog (and its stored files no one else shares)."""
+    cat = catalog()
+    if force:
+        kids = cat.descendants(ref)
+        if kids and not yes:
+            typer.confirm(f"Also remove {len(kids)} derived artifact(s): {', '.join(kids)}?", abort=True,
+                          err=True)
+    removed = cat.rm(ref, force=force)
+    emit_json({"removed": removed}) if json else typer.echo("removed " + ", ".join(removed))
+
+
+def verify(
+    ref: str = typer.Argument(None, metavar="[NAME[@N]]", help="Default: every artifact."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Re-hash files and report drift from the catalog (exit 3 when any)."""
+    from adaptr.errors import VerificationError
+
+    reports = catalog().verify(ref)
+    if json:
+        emit_json(reports)
+    else:
+        for r in reports:
+            status = "ok" if r["ok"] else "DRIFT"
+            typer.echo(f"{r['ref']}: {status} ({r['files']} files)")
+            for p in r["problems"]:
+                typer.echo(f"  {p['path']}: {p['problem']}")
+    bad = [r["ref"] for r in reports if not r["ok"]]
+    if bad:
+        raise VerificationError(
+            f"{len(bad)} artifact(s) changed on disk since they were recorded: {', '.join(bad)}; "
+            "restore the files or re-register them with --new-version"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    for fn in (init, ls, show, lineage, rm, verify):
+        app.command()(fn)

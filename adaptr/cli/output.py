@@ -1,0 +1,112 @@
+"""Rendering helpers: JSON and tables to stdout, progress and messages to stderr."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import typer
+
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
+
+
+def emit_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
+
+
+def stdout():  # noqa: ANN201 - rich imported lazily
+    from rich.console import Console
+
+    return Console(soft_wrap=True)
+
+
+def stderr():  # noqa: ANN201
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{n} B"
+
+
+class RichProgress:
+    """Progress bars on stderr, drawn only when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.console = stderr()
+
+    @contextmanager
+    def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        if not self.console.is_terminal:
+            yield lambda n: None
+            return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=self.console, transient=True) as p:
+            tid = p.add_task(description, total=total)
+            yield lambda n: p.advance(tid, n)
+
+
+def catalog():  # noqa: ANN201 - the CLI's Catalog, with progress bars
+    from adaptr.services.catalog import Catalog
+
+    return Catalog(progress=RichProgress())
+
+
+def artifact_table(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(show_edge=False, header_style="bold")
+    for c in ("REF", "KIND", "BASE", "RANK", "SIZE", "HASH", "TAGS", "FLAGS"):
+        t.add_column(c)
+    for r in rows:
+        rank = r["metadata"].get("ranks") or ([r["metadata"]["r"]] if "r" in r["metadata"] else [])
+        t.add_row(r["ref"], r["kind"], r["base"] or "-", ",".join(map(str, rank)) or "-",
+                  human_size(r["size_bytes"]), r["content_hash"][:12], ",".join(r["tags"]) or "-",
+                  ",".join(r["flags"]) or "-")
+    stdout().print(t)
+
+
+def show_artifact(a: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    t = Table(show_header=False, show_edge=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    for key in ("ref", "kind", "base", "path", "storage", "content_hash"):
+        t.add_row(key, str(a[key] or "-"))
+    t.add_row("size", human_size(a["size_bytes"]))
+    t.add_row("parents", ", ".join(f"{p['ref']} ({p['operation']})" for p in a["parents"]) or "-")
+    t.add_row("tags", ", ".join(a["tags"]) or "-")
+    t.add_row("flags", ", ".join(a["flags"]) or "-")
+    for k, v in a["metadata"].items():
+        if k in ("scaling",) or v in (None, [], {}):
+            continue
+        t.add_row(k, f"{v:.4%}" if k == "trainable_share" else str(v))
+    out = stdout()
+    out.print(t)
+    files = Table(show_edge=False, header_style="bold")
+    for c in ("FILE", "SIZE", "SHA256"):
+        files.add_column(c)
+    for f in a.get("files", []):
+        files.add_row(f["path"], human_size(f["size"]), f["sha256"][:16])
+    out.print(files)

@@ -1,0 +1,162 @@
+"""What plugins implement, and the manifests readers hand to the core.
+
+Manifests are plain dataclasses that serialise to JSON; the catalog stores them as an
+artifact's metadata, so later operations (merges, exports) never re-parse the files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: list[int]
+    dtype: str  # safetensors code, e.g. "BF16"
+    file: str  # path relative to the artifact folder
+
+
+@dataclass
+class ModelManifest:
+    """A base model as a reader understood it, without loading its weights."""
+
+    format: str
+    architecture: str | None
+    model_type: str | None
+    hidden_size: int | None
+    intermediate_size: int | None
+    num_layers: int | None
+    vocab_size: int | None
+    dtype: str | None
+    num_parameters: int
+    tie_word_embeddings: bool
+    weight_files: list[str]
+    tensors: dict[str, TensorMeta]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelManifest:
+        d = dict(d)
+        d["tensors"] = {k: TensorMeta(**v) for k, v in d["tensors"].items()}
+        return cls(**d)
+
+
+@dataclass
+class LoraModule:
+    """One targeted base module: where its factors live and how strongly they apply."""
+
+    module: str  # module path inside the base model, e.g. model.layers.0.self_attn.q_proj
+    target: str  # base tensor the delta applies to, e.g. <module>.weight
+    kind: Literal["linear", "embedding"]
+    r: int
+    alpha: float
+    scaling: float
+    a_key: str
+    b_key: str
+    a_shape: list[int]
+    b_shape: list[int]
+    bias_key: str | None = None
+    magnitude_key: str | None = None
+    fan_in_fan_out: bool = False
+
+    @property
+    def delta_shape(self) -> list[int]:
+        out, inn = self.b_shape[0], self.a_shape[1]
+        return [inn, out] if (self.fan_in_fan_out or self.kind == "embedding") else [out, inn]
+
+
+@dataclass
+class AdapterManifest:
+    """A LoRA adapter's configuration and tensor layout, with effective per-module scaling."""
+
+    format: str
+    weights_file: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    lora_bias: bool
+    fan_in_fan_out: bool
+    target_modules: list[str] | str | None
+    rank_pattern: dict[str, int]
+    alpha_pattern: dict[str, float]
+    modules_to_save: list[str]
+    init_lora_weights: Any
+    base_model_name_or_path: str | None
+    modules: dict[str, LoraModule]
+    replacements: dict[str, str]  # base tensor name -> adapter tensor key (absolute values)
+    tensors: dict[str, TensorMeta]
+    trainable_parameters: int
+    flags: list[str] = field(default_factory=list)
+    legacy_bin: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterManifest:
+        d = dict(d)
+        d["modules"] = {k: LoraModule(**v) for k, v in d["modules"].items()}
+        d["tensors"] = {k: TensorMeta(**v) for k, v in d["tensors"].items()}
+        return cls(**d)
+
+
+@runtime_checkable
+class Reader(Protocol):
+    """Understands one on-disk layout of base models (``kind="base"``) or adapters."""
+
+    name: str
+    kind: Literal["base", "adapter"]
+
+    def can_read(self, path: Path) -> bool:
+        """Cheap check (file names, config keys) whether this reader claims ``path``."""
+
+    def read(self, path: Path) -> ModelManifest | AdapterManifest:
+        """Parse and validate the folder; raise InvalidInputError subclasses on bad input."""
+
+    def canonical_files(self, path: Path, dest: Path) -> list[str]:
+        """Write the files adaptr stores for this artifact into ``dest``; return their relpaths."""
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    """A strategy parameter: its name (as in flags, YAML and REST bodies) and default."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+
+
+@runtime_checkable
+class MergeStrategy(Protocol):
+    """Combines per-adapter weight deltas of one tensor into one delta.
+
+    ``merge`` receives fp32 deltas ΔW_i (already scaled by each adapter's alpha/r), the
+    per-adapter weights and the resolved parameters, and returns the merged fp32 delta.
+    """
+
+    name: str
+    pretty_name: str
+    paper_url: str | None
+    description: str
+    params: tuple[ParamDef, ...]
+    allows_negative_weights: bool
+    max_adapters: int | None
+
+    def merge(
+        self,
+        deltas: list[torch.Tensor],
+        weights: list[float],
+        params: dict[str, Any],
+        *,
+        generators: list[torch.Generator],
+    ) -> torch.Tensor: ...

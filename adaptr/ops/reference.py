@@ -1,0 +1,663 @@
+"""Pure-torch merge steps: the production CPU path and the oracle for every accelerated kernel.
+
+Each merge strategy (task arithmetic, TIES, DARE, DARE-TIES) is a composition of the step functions
+below. They operate on **float32 deltas** ``δ_i = ΔW_i`` of one tensor (callers upcast; nothing here
+down-casts), are exact (no approximation anywhere: thresholds are exact order statistics, masks are
+exact Bernoulli draws) and never produce NaN for finite inputs.
+
+Semantics follow mergekit 0.1.5's generalized task arithmetic (``merge_methods/generalized_task_arithmetic``
+and ``sparsify``) wherever the tools disagree, because that is the form that has paper meaning on full
+deltas:
+
+* weights multiply the deltas **before** sign election (``δ̃_i = w_i·δ_i``);
+* the disjoint merge is normalised by the **sum of agreeing weights** (TIES with ``normalize: true``);
+* exact-zero sums elect ``+`` (as both PEFT and mergekit do);
+* trimming keeps ``k = max(1, int(density·n))`` entries per tensor.
+
+DARE's rescale is selectable: ``1/density`` (paper, PEFT) or the L1-norm ratio (mergekit).
+
+Papers: task arithmetic, Ilharco et al., arXiv 2212.04089; TIES-merging, Yadav et al., arXiv 2306.01708;
+DARE, Yu et al., arXiv 2311.03099.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import struct
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from adaptr.errors import InvalidInputError
+
+__all__ = [
+    "bernoulli_mask",
+    "disjoint_merge",
+    "elect_sign",
+    "lora_delta",
+    "magnitude_threshold",
+    "make_generator",
+    "random_drop",
+    "tensor_seed",
+    "ties_merge",
+    "trim_by_magnitude",
+    "weighted_sum",
+]
+
+# Elements per chunk of the two radix passes of ``magnitude_threshold`` (8 MiB of float32).
+_SELECT_CHUNK = 1 << 21
+# Below this many elements a plain ``kthvalue`` is as fast as the radix select.
+_SELECT_SMALL = 1 << 16
+# Elements per chunk of the fused TIES merge: a handful of 1 MiB buffers stay in L2.
+_MERGE_CHUNK = 1 << 18
+# Elements per chunk of Bernoulli mask generation.
+_MASK_CHUNK = 1 << 20
+# Number of buckets of the first radix pass: the top 16 bits of a non-negative float32 (sign bit clear).
+_HI_BUCKETS = 1 << 15
+_LO_BUCKETS = 1 << 16
+_RESCALE_MODES = ("density", "l1", None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# validation helpers
+
+
+def _f32(value: float) -> float:
+    """Round a Python float to the nearest float32 (the precision every step computes in)."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def _check_density(density: float, what: str = "density") -> float:
+    try:
+        value = float(density)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"{what} must be a number, got {density!r}") from None
+    if not math.isfinite(value):
+        raise InvalidInputError(f"{what} must be finite, got {density!r}")
+    return value
+
+
+def _check_weights(weights: Sequence[float], count: int) -> list[float]:
+    values = list(weights)
+    if len(values) != count:
+        raise InvalidInputError(f"got {len(values)} weights for {count} deltas; give exactly one per delta")
+    out: list[float] = []
+    for w in values:
+        try:
+            value = float(w)
+        except (TypeError, ValueError):
+            raise InvalidInputError(f"weights must be numbers, got {w!r}") from None
+        if not math.isfinite(value):
+            raise InvalidInputError(f"weights must be finite, got {w!r}")
+        out.append(_f32(value))
+    return out
+
+
+def _check_deltas(deltas: Sequence[Tensor]) -> list[Tensor]:
+    items = list(deltas)
+    if not items:
+        raise InvalidInputError("at least one delta is required")
+    shape = items[0].shape
+    for d in items[1:]:
+        if d.shape != shape:
+            raise InvalidInputError(
+                f"all deltas must have the same shape; got {tuple(shape)} and {tuple(d.shape)}"
+            )
+    return items
+
+
+def _check_group(deltas: Sequence[Tensor], weights: Sequence[float]) -> tuple[list[Tensor], list[float]]:
+    items = _check_deltas(deltas)
+    return items, _check_weights(weights, len(items))
+
+
+def _per_delta_density(density: float | Sequence[float], count: int) -> list[float]:
+    if isinstance(density, Sequence) and not isinstance(density, str):
+        values = [_check_density(d) for d in density]
+        if len(values) != count:
+            raise InvalidInputError(f"got {len(values)} densities for {count} deltas; give one or one per delta")
+        return values
+    return [_check_density(density)] * count  # type: ignore[arg-type]
+
+
+def _keep_count(density: float, n: int) -> int:
+    """``k = max(1, int(density·n))``, mergekit 0.1.5 ``sparsify.magnitude`` (callers handle d ≤ 0, d ≥ 1)."""
+    return min(n, max(1, int(density * n)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA delta
+
+
+def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, *, transpose: bool = False) -> Tensor:
+    """The dense weight update of one LoRA module: ``ΔW = scaling · (B @ A)`` in float32.
+
+    Computed as ``(B·scaling) @ A`` so that the scale touches only the small ``out×r`` factor rather
+    than the full ``out×in`` product. Inputs of any float dtype are upcast to float32 first.
+
+    Convolutions: when ``lora_A`` has more than two dimensions (``r × in × k…``) and ``lora_B`` is
+    ``out × r × 1…``, the product is ``B.reshape(out, r) @ A.reshape(r, -1)`` reshaped to
+    ``out × in × k…`` (PEFT's ``Conv*d.get_delta_weight`` for ungrouped convolutions).
+
+    Args:
+        lora_A: the down projection, ``r × in`` (``lora_A.weight``).
+        lora_B: the up projection, ``out × r`` (``lora_B.weight``).
+        scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA), pattern overrides applied.
+        transpose: return ``ΔWᵀ`` (``in × out``), for ``fan_in_fan_out`` layers (GPT-2 ``Conv1D``) and
+            embeddings, whose stored weight is the transpose of ``B @ A``. Only for 2-D factors.
+
+    Returns:
+        A new contiguous float32 tensor, ``out × in`` (``in × out`` when ``transpose``).
+
+    Raises:
+        InvalidInputError: when the factor shapes do not chain, or ``scaling`` is not finite.
+    """
+    scale = _check_density(scaling, "scaling")
+    if lora_A.dim() < 2 or lora_B.dim() < 2:
+        raise InvalidInputError(
+            f"LoRA factors must be at least 2-D; got A {tuple(lora_A.shape)}, B {tuple(lora_B.shape)}"
+        )
+    rank = lora_A.shape[0]
+    if lora_B.shape[1] != rank or any(s != 1 for s in lora_B.shape[2:]):
+        raise InvalidInputError(
+            f"LoRA factors do not chain: A {tuple(lora_A.shape)} needs B of shape (out, {rank}, 1…), "
+            f"got {tuple(lora_B.shape)}"
+        )
+    if lora_A.dim() > 2 and transpose:
+        raise InvalidInputError("transpose applies only to 2-D LoRA factors")
+    a = lora_A.float().reshape(rank, -1)
+    b = lora_B.float().reshape(lora_B.shape[0], rank) * scale
+    if transpose:
+        return a.t() @ b.t()
+    delta = b @ a
+    if lora_A.dim() > 2:
+        delta = delta.reshape(lora_B.shape[0], *lora_A.shape[1:])
+    return delta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# exact top-k threshold by radix select
+
+
+def _bits_to_float(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def _kth_from_top(counts: Tensor, k: int) -> tuple[int, int]:
+    """Bucket holding the k-th largest element (1-based) and how many elements lie in higher buckets."""
+    from_top = counts.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype))[0])
+    bucket = counts.numel() - 1 - j
+    above = int(from_top[j]) - int(counts[bucket])
+    return bucket, above
+
+
+def magnitude_threshold(x: Tensor, k: int) -> float:
+    """The exact k-th largest value of ``|x|`` over the whole tensor.
+
+    ``|x| >= magnitude_threshold(x, k)`` therefore selects at least ``k`` entries, exactly ``k`` when the
+    k-th and (k+1)-th largest magnitudes differ. This is the cut-off of TIES "trim" (arXiv 2306.01708,
+    top-k% by magnitude) and of mergekit's / PEFT's magnitude pruning, without their full
+    ``argsort``/``topk`` and its int64 index tensor.
+
+    Algorithm (an MSD radix select on the IEEE-754 bit pattern; non-negative float32 values order like
+    their int32 bit patterns): pass 1 histograms the top 16 bits of ``|x|`` (32768 buckets, chunks of
+    2M elements, no full-size temporaries) and finds the bucket holding the k-th largest; pass 2
+    histograms the low 16 bits of the elements in that bucket, which pins down the exact bit pattern.
+    Tensors of at most 65536 elements use ``torch.kthvalue`` directly.
+
+    Args:
+        x: a finite tensor of any shape (float32; other float dtypes are upcast, exactly). NaN would
+            order above +inf.
+        k: rank from the top, ``1 <= k <= x.numel()``.
+
+    Returns:
+        The k-th largest ``|x|`` as a Python float (exactly representable in float32).
+
+    Raises:
+        InvalidInputError: when ``k`` is outside ``[1, numel]``.
+    """
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise InvalidInputError(f"k must be an integer, got {k!r}") from None
+    n = x.numel()
+    if not 1 <= k <= n:
+        raise InvalidInputError(f"k must lie in [1, {n}] for a tensor of {n} elements, got {k}")
+    flat = x.detach().reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    if n <= _SELECT_SMALL:
+        return float(flat.abs().kthvalue(n - k + 1).values)
+
+    chunk = min(n, _SELECT_CHUNK)
+    buf = torch.empty(chunk, dtype=torch.float32, device=flat.device)
+    bits_buf = buf.view(torch.int32)
+
+    # Pass 1: histogram of the top 16 bits (sign cleared by abs) of every element.
+    hi_counts = torch.zeros(_HI_BUCKETS, dtype=torch.int64, device=flat.device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        torch.abs(flat[start : start + size], out=buf[:size])
+        bits = bits_buf[:size]
+        bits.bitwise_right_shift_(16)
+        hi_counts += torch.bincount(bits, minlength=_HI_BUCKETS)
+    hi, above = _kth_from_top(hi_counts, k)
+    rank = k - above  # 1-based rank from the top inside bucket ``hi``
+
+    # Pass 2: histogram of the low 16 bits of the elements in bucket ``hi``.
+    lo_counts = torch.zeros(_LO_BUCKETS, dtype=torch.int64, device=flat.device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        torch.abs(flat[start : start + size], out=buf[:size])
+        bits = bits_buf[:size]
+        selected = bits[(bits >> 16) == hi]
+        if selected.numel():
+            lo_counts += torch.bincount(selected.bitwise_and_(0xFFFF), minlength=_LO_BUCKETS)
+    lo, _ = _kth_from_top(lo_counts, rank)
+    return _bits_to_float((hi << 16) | lo)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sparsifiers
+
+
+def trim_by_magnitude(x: Tensor, density: float) -> Tensor:
+    """TIES "trim" / magnitude pruning: keep the ``k`` largest entries by ``|x|``, zero the rest.
+
+    ``k = max(1, int(density · numel))`` over the whole tensor, as mergekit 0.1.5's
+    ``sparsify.magnitude`` (TIES-merging, arXiv 2306.01708, §3 "Trim"; the paper trims over the whole
+    model, mergekit and PEFT per tensor, as here). No rescale. Entries tied with the k-th largest
+    magnitude are all kept (deterministic, unlike an argsort cut), so more than ``k`` entries survive
+    only when ``|x|`` has ties exactly at the threshold.
+
+    Args:
+        x: the delta (float32, any shape).
+        density: the fraction of entries to keep.
+
+    Returns:
+        ``x`` itself (no copy) when ``density >= 1``; a zero tensor when ``density <= 0`` or ``x`` is
+        empty; otherwise a new tensor ``x·[|x| >= t]`` with ``t = magnitude_threshold(x, k)``.
+
+    Raises:
+        InvalidInputError: when ``density`` is not a finite number.
+    """
+    d = _check_density(density)
+    if d >= 1:
+        return x
+    n = x.numel()
+    if d <= 0 or n == 0:
+        return torch.zeros_like(x)
+    threshold = magnitude_threshold(x, _keep_count(d, n))
+    return x.masked_fill(x.abs() < threshold, 0)
+
+
+def tensor_seed(seed: int, tensor_name: str, index: int) -> int:
+    """A 63-bit RNG seed for one (merge seed, tensor, adapter) triple.
+
+    ``int.from_bytes(sha256(b"adaptr\\0<seed>\\0<tensor_name>\\0<index>")[:8], "big") & (2**63 - 1)``,
+    so every DARE mask is reproducible from the merge seed alone, whatever the order in which tensors
+    are processed, the thread that processes them, or which other tensors are merged. (mergekit and
+    PEFT draw every mask from the one global torch RNG.)
+
+    Args:
+        seed: the merge's seed.
+        tensor_name: the tensor's (module) name.
+        index: the adapter's position in the merge.
+
+    Returns:
+        An integer in ``[0, 2**63)``.
+
+    Raises:
+        InvalidInputError: when ``seed`` or ``index`` is not an integer, or ``tensor_name`` not a string.
+    """
+    try:
+        seed = operator.index(seed)
+        index = operator.index(index)
+    except TypeError:
+        raise InvalidInputError(f"seed and index must be integers, got {seed!r} and {index!r}") from None
+    if not isinstance(tensor_name, str):
+        raise InvalidInputError(f"tensor_name must be a string, got {tensor_name!r}")
+    payload = b"\0".join((b"adaptr", str(seed).encode(), tensor_name.encode("utf-8"), str(index).encode()))
+    return int.from_bytes(hashlib.sha256(payload).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def make_generator(
+    seed: int, tensor_name: str, index: int, *, device: str | torch.device = "cpu"
+) -> torch.Generator:
+    """A fresh ``torch.Generator`` seeded with ``tensor_seed(seed, tensor_name, index)``.
+
+    Args:
+        seed: the merge's seed.
+        tensor_name: the tensor's (module) name.
+        index: the adapter's position in the merge.
+        device: the generator's device (masks must be drawn on the same device).
+
+    Returns:
+        The seeded generator.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(tensor_seed(seed, tensor_name, index))
+    return generator
+
+
+def bernoulli_mask(
+    shape: torch.Size | Sequence[int],
+    density: float,
+    *,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """A boolean mask whose entries are independently True with probability ``density``.
+
+    Entry ``j`` (row-major) is ``u_j < float32(density)`` with ``u_j`` the j-th float32 of
+    ``torch.rand`` from ``generator``, drawn in chunks of 1M into one reused buffer (no full-size float
+    temporary). The draw is bit-identical to ``torch.bernoulli(torch.full(shape, density))`` with the same
+    generator state, which is mergekit's ``sparsify.bernoulli`` and PEFT's ``random_pruning`` mask.
+
+    Args:
+        shape: the mask's shape.
+        density: the keep probability.
+        generator: the RNG; ``None`` uses torch's global RNG.
+        device: where to create the mask.
+
+    Returns:
+        A bool tensor of ``shape``.
+    """
+    d = _check_density(density)
+    mask = torch.empty(tuple(shape), dtype=torch.bool, device=device)
+    flat = mask.view(-1)
+    n = flat.numel()
+    if n == 0:
+        return mask
+    chunk = min(n, _MASK_CHUNK)
+    buf = torch.empty(chunk, dtype=torch.float32, device=device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        torch.rand(size, generator=generator, out=buf[:size])
+        torch.lt(buf[:size], d, out=flat[start : start + size])
+    return mask
+
+
+def random_drop(
+    x: Tensor,
+    density: float,
+    *,
+    generator: torch.Generator | None = None,
+    mask: Tensor | None = None,
+    rescale: str | None = "density",
+) -> Tensor:
+    """DARE "drop and rescale" (arXiv 2311.03099): keep each entry with probability ``density``, rescale.
+
+    The mask is ``bernoulli_mask(x.shape, density, generator=generator)`` unless ``mask`` is given.
+    The kept tensor ``m = x·mask`` is then rescaled:
+
+    * ``"density"``: ``m / density``, the paper's ``1/(1−p)`` (and PEFT ``random_pruning(rescale=True)``
+      since PEFT #3152); unbiased, ``E[result] = x``.
+    * ``"l1"``: ``m · (‖x‖₁ / ‖m‖₁)``, mergekit's ``rescaled_masked_tensor`` with the L1 norm (its
+      ``rescale: true``); left unscaled when either norm is below ``1e-7``. The ratio is computed as a
+      float32 tensor division, as mergekit does.
+    * ``None``: no rescale.
+
+    Args:
+        x: the delta (float32, any shape).
+        density: the keep probability ``1 − p``.
+        generator: RNG for the mask (see ``make_generator``); ``None`` uses torch's global RNG.
+        mask: an explicit keep mask of ``x``'s shape (bool, or nonzero = keep); overrides ``generator``.
+        rescale: ``"density"``, ``"l1"`` or ``None``.
+
+    Returns:
+        ``x`` itself when ``density >= 1``; a zero tensor (never NaN) when ``density <= 0``; otherwise a
+        new tensor.
+
+    Raises:
+        InvalidInputError: for a non-finite density, an unknown ``rescale`` or a mask of another shape.
+    """
+    d = _check_density(density)
+    if rescale not in _RESCALE_MODES:
+        raise InvalidInputError(f"rescale must be one of 'density', 'l1' or None, got {rescale!r}")
+    if d >= 1:
+        return x
+    if d <= 0 or x.numel() == 0:
+        return torch.zeros_like(x)
+    if mask is None:
+        keep = bernoulli_mask(x.shape, d, generator=generator, device=x.device)
+    else:
+        if mask.shape != x.shape:
+            raise InvalidInputError(f"mask shape {tuple(mask.shape)} does not match {tuple(x.shape)}")
+        keep = mask if mask.dtype == torch.bool else mask != 0
+    kept = x.masked_fill(~keep, 0)
+    if rescale == "density":
+        kept.div_(d)
+    elif rescale == "l1":
+        before = x.abs().sum()
+        after = kept.abs().sum()
+        if before >= 1e-7 and after >= 1e-7:
+            kept.mul_(before / after)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sign election and combination
+
+
+def elect_sign(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """TIES "elect" by mass (arXiv 2306.01708, §3): the sign of ``Σ_i w_i·δ_i`` per entry.
+
+    The sum runs left to right over float32 products ``w_i·δ_i`` (weights rounded to float32), as
+    mergekit's ``get_mask(method="sum")`` on weighted deltas. An exact-zero sum elects ``+`` (PEFT and
+    mergekit do the same; the paper would use the global majority).
+
+    Args:
+        deltas: the (already sparsified) deltas, all of one shape.
+        weights: one weight per delta.
+
+    Returns:
+        ``positive``: a bool tensor of the deltas' shape, True where the elected sign is ``+``
+        (``Σ w_i·δ_i >= 0``), False where it is ``−``.
+
+    Raises:
+        InvalidInputError: for no deltas, mismatched shapes or a weight count that differs.
+    """
+    items, ws = _check_group(deltas, weights)
+    total = items[0] * ws[0]
+    for d, w in zip(items[1:], ws[1:]):
+        total.add_(d * w)
+    return total >= 0
+
+
+def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float], sign: Tensor) -> Tensor:
+    """TIES "disjoint merge" (arXiv 2306.01708, §3), weight-normalised as mergekit's ``ties``.
+
+    With ``δ̃_i = w_i·δ_i`` and ``a_i = [sign(δ̃_i) equals the elected sign]`` (so zeros never agree)::
+
+        result = Σ_i δ̃_i·a_i / D,   D = Σ_i w_i·a_i, replaced by 1 where it is exactly 0
+
+    i.e. the weighted mean over the agreeing deltas; where no delta agrees the result is 0. This is
+    mergekit's GTA with consensus ``sum`` and ``normalize: true``; with equal weights it is the paper's
+    mean over agreeing entries. Agreement is judged on the *weighted* delta (mergekit); for positive
+    weights that is the sign of ``δ_i`` itself.
+
+    Args:
+        deltas: the (already sparsified) deltas, all of one shape.
+        weights: one weight per delta.
+        sign: the elected sign as returned by ``elect_sign`` (bool, True = ``+``).
+
+    Returns:
+        A new float32 tensor of the deltas' shape.
+
+    Raises:
+        InvalidInputError: for mismatched shapes or counts.
+    """
+    items, ws = _check_group(deltas, weights)
+    if sign.shape != items[0].shape:
+        raise InvalidInputError(f"sign shape {tuple(sign.shape)} does not match {tuple(items[0].shape)}")
+    positive = sign if sign.dtype == torch.bool else sign > 0
+    numerator = torch.zeros_like(items[0], dtype=torch.float32)
+    divisor = torch.zeros_like(items[0], dtype=torch.float32)
+    for d, w in zip(items, ws):
+        weighted = d * w
+        agree = torch.where(positive, weighted > 0, weighted < 0)
+        numerator.add_(weighted.masked_fill_(~agree, 0))
+        divisor.add_(agree.to(torch.float32).mul_(w))
+    divisor.masked_fill_(divisor == 0, 1)
+    return numerator.div_(divisor)
+
+
+def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], *, normalize: bool = False) -> Tensor:
+    """Task arithmetic (arXiv 2212.04089): ``Σ_i w_i·δ_i``, optionally divided by ``Σ_i w_i``.
+
+    Products are float32 (weights rounded to float32) and summed left to right, as mergekit's GTA
+    without consensus. With ``normalize`` the divisor ``Σ w_i`` (float32) is treated as 1 when
+    ``|Σ w_i| < 1e-8`` (mergekit), so opposite weights that cancel give the plain sum, never inf/NaN.
+    ``normalize=True`` on full weights is mergekit ``linear`` (model soups); on deltas it is the
+    weighted average of the task vectors.
+
+    Args:
+        deltas: the deltas, all of one shape.
+        weights: one weight per delta (negative weights subtract, "task negation").
+        normalize: divide by the weight sum.
+
+    Returns:
+        A new float32 tensor of the deltas' shape.
+
+    Raises:
+        InvalidInputError: for no deltas, mismatched shapes or a weight count that differs.
+    """
+    items, ws = _check_group(deltas, weights)
+    total = items[0] * ws[0]
+    for d, w in zip(items[1:], ws[1:]):
+        total.add_(d * w)
+    if normalize:
+        divisor = torch.tensor(ws, dtype=torch.float32).sum()
+        if divisor.abs() >= 1e-8:
+            total.div_(divisor)
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused TIES
+
+
+def ties_merge(
+    deltas: Sequence[Tensor],
+    weights: Sequence[float],
+    *,
+    density: float | Sequence[float] = 1.0,
+    lam: float = 1.0,
+    trim: bool = True,
+) -> Tensor:
+    """TIES-merging (arXiv 2306.01708): the fused form of the steps above.
+
+    Bit-for-bit the composition (up to the sign of zeros)::
+
+        trimmed = [trim_by_magnitude(δ_i, density_i) for each i]     # skipped when trim=False
+        lam · disjoint_merge(trimmed, weights, elect_sign(trimmed, weights))
+
+    which is mergekit's ``ties`` (``normalize: true``) on ``θ_i − θ_base``. With ``trim=False`` and
+    deltas already passed through ``random_drop`` it is DARE-TIES (arXiv 2311.03099) with normalisation.
+
+    Instead of materialising each trimmed and weighted delta, it first computes one exact threshold
+    per delta (``magnitude_threshold``), then runs trim, election and the disjoint merge together over
+    cache-sized chunks of 256K entries with in-place operations. The only full-size allocation is the
+    output. The operations are the same float32 operations in the same order as the composition, so
+    the result is identical, not merely close.
+
+    Args:
+        deltas: the deltas ``δ_i``, all of one shape (float32).
+        weights: one weight per delta, multiplied in before election.
+        density: the fraction of entries each delta keeps (one value or one per delta); ``>= 1`` keeps
+            everything, ``<= 0`` drops that delta entirely.
+        lam: λ, the scale applied after the disjoint merge (the paper's tuned 0.8–2.5; mergekit
+            ``lambda``).
+        trim: trim each delta to its density first; False skips trimming (DARE-TIES, or plain
+            elect + disjoint merge).
+
+    Returns:
+        A new float32 tensor of the deltas' shape (zeros where no delta agrees).
+
+    Raises:
+        InvalidInputError: for no deltas, mismatched shapes or counts, or non-finite parameters.
+    """
+    items, ws = _check_group(deltas, weights)
+    densities = _per_delta_density(density, len(items))
+    scale = _check_density(lam, "lam")
+    shape = items[0].shape
+    n = items[0].numel()
+    device = items[0].device
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+
+    # One exact threshold per delta: None keeps everything; a delta with density <= 0 drops out (its
+    # trimmed form is all zeros, which never agrees and adds nothing to the election sum).
+    active: list[tuple[Tensor, float, float | None]] = []
+    for d, w, dens in zip(items, ws, densities):
+        flat = d.detach().reshape(-1)
+        if flat.dtype != torch.float32:
+            flat = flat.float()
+        if not trim or dens >= 1:
+            active.append((flat, w, None))
+        elif dens > 0:
+            active.append((flat, w, magnitude_threshold(flat, _keep_count(dens, n))))
+    if not active:
+        return out
+
+    result = out.view(-1)
+    chunk = min(n, _MERGE_CHUNK)
+    m = len(active)
+    weighted = torch.empty((m, chunk), dtype=torch.float32, device=device)
+    scratch = torch.empty(chunk, dtype=torch.float32, device=device)
+    total = torch.empty(chunk, dtype=torch.float32, device=device)
+    signs = torch.empty(chunk, dtype=torch.float32, device=device)
+    divisor = torch.empty(chunk, dtype=torch.float32, device=device)
+    flags = torch.empty(chunk, dtype=torch.bool, device=device)
+    plus = torch.ones((), dtype=torch.float32, device=device)
+    minus = -plus
+
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        stop = start + size
+        tmp, tot, sgn, div, flg = scratch[:size], total[:size], signs[:size], divisor[:size], flags[:size]
+        # Trim and weight each delta, accumulating the election sum Σ w_i·trim(δ_i).
+        for i, (flat, w, threshold) in enumerate(active):
+            x = flat[start:stop]
+            wd = weighted[i, :size]
+            torch.mul(x, w, out=wd)
+            if threshold is not None:
+                torch.abs(x, out=tmp)
+                torch.lt(tmp, threshold, out=flg)
+                wd.masked_fill_(flg, 0)
+            if i == 0:
+                tot.copy_(wd)
+            else:
+                tot.add_(wd)
+        # Elect: s = +1 where the sum is >= 0 (exact zero included), else -1.
+        torch.ge(tot, 0, out=flg)
+        torch.where(flg, plus, minus, out=sgn)
+        # Disjoint merge: relu(s·w_i·δ_i) is |w_i·δ_i| where it agrees, else 0. Negation is exact, so
+        # s·Σ relu(s·δ̃_i) equals Σ δ̃_i·a_i term for term.
+        num = result[start:stop]
+        for i in range(m):
+            wd = weighted[i, :size]
+            torch.mul(wd, sgn, out=tmp)
+            tmp.relu_()
+            if i == 0:
+                num.copy_(tmp)
+            else:
+                num.add_(tmp)
+            tmp.sign_()  # a_i in {0, 1}
+            if i == 0:
+                torch.mul(tmp, active[i][1], out=div)
+            else:
+                div.add_(tmp, alpha=active[i][1])
+        num.mul_(sgn)
+        torch.eq(div, 0, out=flg)
+        div.masked_fill_(flg, 1)
+        num.div_(div)
+        if scale != 1:
+            num.mul_(scale)
+    return out

@@ -1,0 +1,472 @@
+"""Catalog services: register, find, describe, verify and remove artifacts.
+
+``Catalog`` is the public Python API for the catalog; the CLI and the REST API call it.
+Every artifact is recorded the same way (``record``): files first, fsynced and in
+place, then one transaction for the row, its files, tags and lineage edges.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func
+from sqlmodel import Session, col, select
+
+from adaptr.catalog.db import session_scope
+from adaptr.catalog.models import Artifact, ArtifactFile, LineageEdge, Tag
+from adaptr.errors import (
+    AdaptrError,
+    HasDescendantsError,
+    InvalidInputError,
+    NameTakenError,
+    NotFoundError,
+    OperationError,
+)
+from adaptr.interfaces import AdapterManifest, ModelManifest
+from adaptr.plugins import get_host, get_registry
+from adaptr.progress import NullProgress, Progress
+from adaptr.refs import check_name, parse_ref
+from adaptr.settings import get_settings
+from adaptr.store import FileEntry, Store, content_hash, hash_folder, list_files, sha256_file
+
+
+@dataclass
+class Parent:
+    """A lineage edge to record: ``artifact`` is the parent of the new artifact."""
+
+    artifact: Artifact
+    operation: str
+    params: dict[str, Any] = field(default_factory=dict)
+    plugin: str | None = None
+    plugin_version: str | None = None
+    seed: int | None = None
+
+
+class Catalog:
+    """Artifacts, their files and lineage, in the database named by the settings."""
+
+    def __init__(self, *, database_url: str | None = None, home: str | Path | None = None,
+                 progress: Progress | None = None) -> None:
+        settings = get_settings()
+        self.database_url = database_url or settings.database_url
+        self.store = Store(Path(home).resolve() / "store" if home else settings.store)
+        self.progress: Progress = progress or NullProgress()
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.database_url) as s:
+            yield s
+
+    # --- lookups -------------------------------------------------------------------------
+
+    def resolve(self, session: Session, ref: str) -> Artifact:
+        name, version = parse_ref(ref)
+        q = select(Artifact).where(Artifact.name == name)
+        q = q.where(Artifact.version == version) if version else q.order_by(col(Artifact.version).desc())
+        art = session.exec(q.limit(1)).first()
+        if art is None:
+            what = f"version {version} of {name!r}" if version else f"artifact {name!r}"
+            raise NotFoundError(f"{what} is not in the catalog; see `adaptr ls`")
+        return art
+
+    def _versions(self, session: Session, ref: str) -> list[Artifact]:
+        name, version = parse_ref(ref)
+        if version:
+            return [self.resolve(session, ref)]
+        arts = list(session.exec(select(Artifact).where(Artifact.name == name).order_by(Artifact.version)))
+        if not arts:
+            raise NotFoundError(f"artifact {name!r} is not in the catalog; see `adaptr ls`")
+        return arts
+
+    def next_version(self, session: Session, name: str, kind: str, new_version: bool) -> int:
+        check_name(name)
+        latest = session.exec(
+            select(Artifact).where(Artifact.name == name).order_by(col(Artifact.version).desc()).limit(1)
+        ).first()
+        if latest is None:
+            return 1
+        if not new_version:
+            raise NameTakenError(
+                f"artifact {name!r} already exists (latest {name}@{latest.version}); choose another name "
+                "or pass --new-version"
+            )
+        if latest.kind != kind:
+            raise InvalidInputError(
+                f"artifact {name!r} is a {latest.kind}; a new version must also be a {latest.kind}"
+            )
+        return latest.version + 1
+
+    # --- JSON views ----------------------------------------------------------------------
+
+    def to_json(self, session: Session, art: Artifact, *, files: bool = True) -> dict[str, Any]:
+        tags = session.exec(select(Tag.tag).where(Tag.artifact_id == art.id).order_by(Tag.tag)).all()
+        parents = session.exec(
+            select(LineageEdge, Artifact)
+            .where(LineageEdge.child_id == art.id, LineageEdge.parent_id == Artifact.id)
+            .order_by(LineageEdge.id)
+        ).all()
+        base = session.get(Artifact, art.base_id) if art.base_id else None
+        out: dict[str, Any] = {
+            "name": art.name,
+            "version": art.version,
+            "ref": _ref(art),
+            "kind": art.kind,
+            "content_hash": art.content_hash,
+            "size_bytes": art.size_bytes,
+            "path": art.path,
+            "storage": art.storage,
+            "base": _ref(base) if base else None,
+            "parents": [{"ref": _ref(p), "operation": e.operation} for e, p in parents],
+            "tags": list(tags),
+            "flags": list(art.flags),
+            "metadata": dict(art.meta),
+            "created_at": art.created_at.isoformat(),
+        }
+        if files:
+            rows = session.exec(
+                select(ArtifactFile).where(ArtifactFile.artifact_id == art.id).order_by(ArtifactFile.relpath)
+            ).all()
+            out["files"] = [{"path": f.relpath, "size": f.size, "sha256": f.sha256} for f in rows]
+        return out
+
+    def show(self, ref: str) -> dict[str, Any]:
+        with self.session() as s:
+            return self.to_json(s, self.resolve(s, ref))
+
+    def manifest(self, ref: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The artifact (as ``show``) and the reader manifest recorded for it."""
+        with self.session() as s:
+            art = self.resolve(s, ref)
+            return self.to_json(s, art), dict(art.manifest)
+
+    def ls(self, *, kind: str | None = None, base: str | None = None, tag: str | None = None,
+           rank: int | None = None) -> list[dict[str, Any]]:
+        with self.session() as s:
+            q = select(Artifact)
+            if kind:
+                q = q.where(Artifact.kind == kind)
+            if rank is not None:
+                q = q.where(Artifact.rank == rank)
+            if tag:
+                q = q.where(col(Artifact.id).in_(select(Tag.artifact_id).where(Tag.tag == tag)))
+            if base:
+                ids = [a.id for a in self._versions(s, base)]
+                q = q.where(col(Artifact.base_id).in_(ids))
+            arts = s.exec(q.order_by(Artifact.name, Artifact.version)).all()
+            return [self.to_json(s, a, files=False) for a in arts]
+
+    # --- lineage -------------------------------------------------------------------------
+
+    def _walk(self, session: Session, start: Iterable[int], up: bool) -> list[LineageEdge]:
+        seen: set[int] = set(start)
+        frontier = list(seen)
+        edges: list[LineageEdge] = []
+        while frontier:
+            src, dst = (LineageEdge.child_id, LineageEdge.parent_id) if up else (
+                LineageEdge.parent_id, LineageEdge.child_id)
+            batch = session.exec(select(LineageEdge).where(col(src).in_(frontier))).all()
+            edges.extend(batch)
+            frontier = []
+            for e in batch:
+                nxt = getattr(e, dst.key)
+                if nxt not in seen:
+                    seen.add(nxt)
+                    frontier.append(nxt)
+        return edges
+
+    def lineage(self, ref: str) -> dict[str, Any]:
+        with self.session() as s:
+            art = self.resolve(s, ref)
+            edges = self._walk(s, [art.id], up=True) + self._walk(s, [art.id], up=False)
+            ids = {art.id} | {e.parent_id for e in edges} | {e.child_id for e in edges}
+            arts = {a.id: a for a in s.exec(select(Artifact).where(col(Artifact.id).in_(ids)))}
+            uniq = {e.id: e for e in edges}
+            return {
+                "root": _ref(art),
+                "nodes": [self.to_json(s, arts[i], files=False) for i in sorted(ids)],
+                "edges": [
+                    {
+                        "parent": _ref(arts[e.parent_id]),
+                        "child": _ref(arts[e.child_id]),
+                        "operation": e.operation,
+                        "params": e.params,
+                        "plugin": e.plugin,
+                        "plugin_version": e.plugin_version,
+                        "seed": e.seed,
+                    }
+                    for e in sorted(uniq.values(), key=lambda e: e.id)
+                ],
+            }
+
+    # --- recording -----------------------------------------------------------------------
+
+    def record(
+        self,
+        *,
+        name: str,
+        kind: str,
+        new_version: bool = False,
+        staged: Path | None = None,
+        linked: Path | None = None,
+        linked_files: list[Path] | None = None,
+        manifest: dict[str, Any] | None = None,
+        meta: dict[str, Any] | None = None,
+        parents: Sequence[Parent] = (),
+        base_id: int | None = None,
+        rank: int | None = None,
+        flags: Sequence[str] = (),
+        tags: Sequence[str] = (),
+        operation: str = "add",
+    ) -> dict[str, Any]:
+        """Put the files in place, then commit the row; nothing is registered half-written."""
+        with self.session() as s:
+            version = self.next_version(s, name, kind, new_version)
+            total = _total_size(staged or linked, linked_files)
+            with self.progress.task(f"hashing {name}", total) as advance:
+                if staged is not None:
+                    folder, entries = self.store.commit(staged, name, version, advance)
+                    storage = "store"
+                else:
+                    assert linked is not None
+                    folder, storage = linked.resolve(), "link"
+                    entries = hash_folder(folder, advance, files=linked_files)
+            art = Artifact(
+                name=name,
+                version=version,
+                kind=kind,
+                content_hash=content_hash(entries),
+                size_bytes=sum(e.size for e in entries),
+                path=str(folder),
+                storage=storage,
+                base_id=base_id,
+                rank=rank,
+                meta=meta or {},
+                manifest=manifest or {},
+                flags=sorted(set(flags)),
+            )
+            try:
+                s.add(art)
+                s.flush()
+                for e in entries:
+                    s.add(ArtifactFile(artifact_id=art.id, relpath=e.relpath, size=e.size, sha256=e.sha256))
+                for t in sorted(set(tags)):
+                    s.add(Tag(artifact_id=art.id, tag=t))
+                for p in parents:
+                    s.add(LineageEdge(parent_id=p.artifact.id, child_id=art.id, operation=p.operation,
+                                      params=p.params, plugin=p.plugin, plugin_version=p.plugin_version,
+                                      seed=p.seed))
+                s.commit()
+            except BaseException:
+                s.rollback()
+                if storage == "store":
+                    self.store.discard(name, version, self._orphans(s, [e.sha256 for e in entries]))
+                raise
+            out = self.to_json(s, art)
+        get_host().pm.hook.artifact_recorded(artifact=out, operation=operation)
+        return out
+
+    def _orphans(self, session: Session, shas: Iterable[str]) -> list[str]:
+        shas = set(shas)
+        if not shas:
+            return []
+        used = set(session.exec(select(ArtifactFile.sha256).join(Artifact)
+                                .where(col(ArtifactFile.sha256).in_(shas), Artifact.storage == "store")).all())
+        return sorted(shas - used)
+
+    # --- import --------------------------------------------------------------------------
+
+    def _read(self, path: Path, kind: str) -> tuple[Any, Any]:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise InvalidInputError(f"{path}: no such file or directory")
+        if not path.is_dir():
+            what = "a Hugging Face model folder" if kind == "base" else "a PEFT adapter folder"
+            raise InvalidInputError(f"{path}: not a directory; pass {what}")
+        readers = [r for _, r, _ in get_registry("reader").items() if r.kind == kind]
+        for reader in readers:
+            if reader.can_read(path):
+                return reader, reader.read(path)
+        if len(readers) == 1:  # let the only reader explain what is missing
+            return readers[0], readers[0].read(path)
+        names = ", ".join(r.name for r in readers) or "none (all reader plugins are disabled)"
+        raise InvalidInputError(f"{path}: no {kind} reader understands this folder; readers: {names}")
+
+    def add_base(self, path: str | Path, *, name: str | None = None, copy: bool = False,
+                 tags: Sequence[str] = (), new_version: bool = False) -> dict[str, Any]:
+        path = Path(path).expanduser()
+        name = check_name(name or path.resolve().name)
+        with self.session() as s:  # fail on a taken name before hashing gigabytes
+            self.next_version(s, name, "base", new_version)
+        reader, m = self._read(path, "base")
+        assert isinstance(m, ModelManifest)
+        meta = {
+            "format": m.format,
+            "architecture": m.architecture,
+            "model_type": m.model_type,
+            "hidden_size": m.hidden_size,
+            "intermediate_size": m.intermediate_size,
+            "num_layers": m.num_layers,
+            "vocab_size": m.vocab_size,
+            "dtype": m.dtype,
+            "num_parameters": m.num_parameters,
+            "tie_word_embeddings": m.tie_word_embeddings,
+            "num_tensors": len(m.tensors),
+            "source": str(path.resolve()),
+        }
+        common = dict(name=name, kind="base", new_version=new_version, manifest=m.to_dict(), meta=meta,
+                      tags=tags)
+        if copy:
+            staged = self.store.staging()
+            try:
+                reader.canonical_files(path, staged)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            return self.record(staged=staged, **common)
+        return self.record(linked=path, linked_files=list_files(path), **common)
+
+    def add_adapter(self, path: str | Path, *, base: str | None, name: str | None = None,
+                    tags: Sequence[str] = (), new_version: bool = False) -> dict[str, Any]:
+        path = Path(path).expanduser()
+        name = check_name(name or path.resolve().name)
+        if not base:
+            raise InvalidInputError("--base is required: name the catalog base model this adapter was trained on")
+        with self.session() as s:
+            self.next_version(s, name, "adapter", new_version)
+            base_art = self.resolve(s, base)
+            if base_art.kind != "base":
+                raise InvalidInputError(f"{base!r} is a {base_art.kind}, not a base model; pass a base to --base")
+        from adaptr.compat import check_adapter_fits
+
+        reader, m = self._read(path, "adapter")
+        assert isinstance(m, AdapterManifest)
+        base_m = ModelManifest.from_dict(base_art.manifest)
+        flags = list(m.flags) + check_adapter_fits(m, base_m, _ref(base_art))
+        ranks = sorted({mod.r for mod in m.modules.values()})
+        meta = {
+            "format": m.format,
+            "r": m.r,
+            "ranks": ranks,
+            "lora_alpha": m.lora_alpha,
+            "use_rslora": m.use_rslora,
+            "use_dora": m.use_dora,
+            "lora_bias": m.lora_bias,
+            "fan_in_fan_out": m.fan_in_fan_out,
+            "target_modules": m.target_modules,
+            "rank_pattern": m.rank_pattern,
+            "alpha_pattern": m.alpha_pattern,
+            "modules_to_save": m.modules_to_save,
+            "init_lora_weights": m.init_lora_weights,
+            "num_modules": len(m.modules),
+            "trainable_parameters": m.trainable_parameters,
+            "trainable_share": m.trainable_parameters / max(1, base_m.num_parameters),
+            "scaling": {k: v.scaling for k, v in m.modules.items()},
+            "source": str(path.resolve()),
+        }
+        staged = self.store.staging()
+        try:
+            reader.canonical_files(path, staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        plugin = get_registry("reader").plugin_of(reader.name)
+        parent = Parent(base_art, "finetune", {"reader": reader.name}, plugin, get_host().plugin_version(plugin))
+        return self.record(
+            name=name, kind="adapter", new_version=new_version, staged=staged, manifest=m.to_dict(), meta=meta,
+            parents=[parent], base_id=base_art.id, rank=m.r if len(ranks) <= 1 else max(ranks), flags=flags,
+            tags=tags,
+        )
+
+    # --- verify and remove ---------------------------------------------------------------
+
+    def verify(self, ref: str | None = None) -> list[dict[str, Any]]:
+        """Re-hash every file and report drift from what the catalog recorded."""
+        with self.session() as s:
+            arts = self._versions(s, ref) if ref else list(s.exec(select(Artifact).order_by(Artifact.name,
+                                                                                            Artifact.version)))
+            rows = {a.id: s.exec(select(ArtifactFile).where(ArtifactFile.artifact_id == a.id)).all() for a in arts}
+        total = sum(f.size for fs in rows.values() for f in fs)
+        reports = []
+        with self.progress.task("verifying", total) as advance:
+            for a in arts:
+                problems = []
+                for f in sorted(rows[a.id], key=lambda f: f.relpath):
+                    p = Path(a.path) / f.relpath
+                    if not p.is_file():
+                        problems.append({"path": f.relpath, "problem": "missing"})
+                        continue
+                    actual = sha256_file(p, advance)
+                    if actual != f.sha256:
+                        problems.append({"path": f.relpath, "problem": "modified", "expected": f.sha256,
+                                         "actual": actual})
+                reports.append({"ref": _ref(a), "ok": not problems, "problems": problems,
+                                "files": len(rows[a.id])})
+        return reports
+
+    def descendants(self, ref: str) -> list[str]:
+        with self.session() as s:
+            ids = {a.id for a in self._versions(s, ref)}
+            edges = self._walk(s, ids, up=False)
+            kids = {e.child_id for e in edges} - ids
+            return sorted(_ref(s.get(Artifact, i)) for i in kids)
+
+    def rm(self, ref: str, *, force: bool = False) -> list[str]:
+        """Remove ``NAME`` (all versions) or ``NAME@N``; with ``force`` also everything derived."""
+        with self.session() as s:
+            targets = {a.id for a in self._versions(s, ref)}
+            kids = {e.child_id for e in self._walk(s, targets, up=False)} - targets
+            if kids and not force:
+                names = ", ".join(sorted(_ref(s.get(Artifact, i)) for i in kids))
+                raise HasDescendantsError(
+                    f"{ref} has derived artifacts ({names}); remove those first or pass --force to remove "
+                    "the whole subtree"
+                )
+            ids = targets | kids
+            arts = [s.get(Artifact, i) for i in ids]
+            files = s.exec(select(ArtifactFile).where(col(ArtifactFile.artifact_id).in_(ids))).all()
+            stored_shas = {f.sha256 for f in files if s.get(Artifact, f.artifact_id).storage == "store"}
+            for model in (Tag, ArtifactFile):
+                for row in s.exec(select(model).where(col(model.artifact_id).in_(ids))):
+                    s.delete(row)
+            for e in s.exec(select(LineageEdge).where(
+                    col(LineageEdge.parent_id).in_(ids) | col(LineageEdge.child_id).in_(ids))):
+                s.delete(e)
+            s.flush()
+            for a in sorted(arts, key=lambda a: -a.id):  # children first: base_id references
+                s.delete(a)
+                s.flush()
+            s.commit()
+            orphans = self._orphans(s, stored_shas)
+            removed = []
+            for a in arts:
+                if a.storage == "store":
+                    self.store.discard(a.name, a.version, [])
+                removed.append(_ref(a))
+            for sha in orphans:
+                self.store.object_path(sha).unlink(missing_ok=True)
+        return sorted(removed)
+
+    def count(self) -> int:
+        with self.session() as s:
+            return s.exec(select(func.count()).select_from(Artifact)).one()
+
+
+def _ref(a: Artifact) -> str:
+    return f"{a.name}@{a.version}"
+
+
+def _total_size(folder: Path | None, files: list[Path] | None) -> int | None:
+    if folder is None:
+        return None
+    try:
+        return sum(p.stat().st_size for p in (files if files is not None else list_files(folder)))
+    except OSError as e:
+        raise OperationError(f"cannot read {folder}: {e}") from e
+
+
+__all__ = ["AdaptrError", "Catalog", "FileEntry", "Parent"]

@@ -1,0 +1,142 @@
+"""Content-addressed artifact store.
+
+Files adaptr writes or copies live once under ``store/objects/<sha[:2]>/<sha>``; each
+artifact version gets a real folder (``store/artifacts/<name>/<version>``) whose files
+are hard links to those objects, so transformers and PEFT load it directly and equal
+files are shared between artifacts. Producers write into a staging folder; ``commit``
+moves the files into place (fsync + rename) before the caller records the catalog row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from adaptr.errors import OperationError
+
+HASH_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    relpath: str
+    size: int
+    sha256: str
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def content_hash(files: Iterable[FileEntry]) -> str:
+    """sha256 over sorted ``relpath\\0sha256\\n`` lines: equal contents give equal hashes."""
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda f: f.relpath):
+        h.update(f"{f.relpath}\0{f.sha256}\n".encode())
+    return h.hexdigest()
+
+
+def list_files(folder: Path) -> list[Path]:
+    """Regular files of an artifact folder, skipping hidden entries (.git, .cache)."""
+    out = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(Path(root) / n for n in sorted(names) if not n.startswith("."))
+    return [p for p in out if p.is_file()]
+
+
+def hash_folder(folder: Path, progress: Callable[[int], None] | None = None,
+                files: list[Path] | None = None) -> list[FileEntry]:
+    paths = files if files is not None else list_files(folder)
+    return [
+        FileEntry(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p, progress)) for p in paths
+    ]
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.artifacts = root / "artifacts"
+        self.tmp = root / "tmp"
+
+    def staging(self) -> Path:
+        """A fresh folder to write an artifact's files into before ``commit``."""
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        path = self.tmp / uuid.uuid4().hex
+        path.mkdir()
+        return path
+
+    def artifact_dir(self, name: str, version: int) -> Path:
+        return self.artifacts / name / str(version)
+
+    def object_path(self, sha: str) -> Path:
+        return self.objects / sha[:2] / sha
+
+    def commit(self, staged: Path, name: str, version: int,
+               progress: Callable[[int], None] | None = None) -> tuple[Path, list[FileEntry]]:
+        """Hash staged files into objects and materialise the artifact folder; return both."""
+        final = self.artifact_dir(name, version)
+        if final.exists():  # left by a crash before its catalog row was committed
+            shutil.rmtree(final)
+        building = self.tmp / f"{uuid.uuid4().hex}.dir"
+        entries: list[FileEntry] = []
+        try:
+            for src in list_files(staged):
+                rel = src.relative_to(staged).as_posix()
+                _fsync_file(src)
+                sha = sha256_file(src, progress)
+                obj = self.object_path(sha)
+                if not obj.exists():
+                    obj.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(src, obj)
+                    fsync_dir(obj.parent)
+                dest = building / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.link(obj, dest)
+                entries.append(FileEntry(rel, obj.stat().st_size, sha))
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(building, final)
+            fsync_dir(final.parent)
+        except OSError as e:
+            shutil.rmtree(building, ignore_errors=True)
+            raise OperationError(f"could not write artifact files into {self.root}: {e}") from e
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return final, entries
+
+    def discard(self, name: str, version: int, orphaned: Iterable[str]) -> None:
+        """Remove an artifact folder and the objects no other artifact references."""
+        shutil.rmtree(self.artifact_dir(name, version), ignore_errors=True)
+        for sha in orphaned:
+            try:
+                self.object_path(sha).unlink()
+            except FileNotFoundError:
+                pass
+        parent = self.artifacts / name
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
