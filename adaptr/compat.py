@@ -16,7 +16,10 @@ _EMBEDDING_LEAVES = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "emb
 def check_adapter_fits(adapter: AdapterManifest, base: ModelManifest, base_name: str) -> list[str]:
     """Raise IncompatibleAdapterError when the adapter cannot apply to ``base``; return extra flags."""
     flags: list[str] = []
-    hint = f"the adapter was made for a different base than {base_name!r}"
+    hint = (
+        f"the adapter was made for a different base than {base_name!r}; "
+        "pass the base it was trained on with --base"
+    )
     missing = [m for m in adapter.modules.values() if m.target not in base.tensors]
     if missing and len(missing) == len(adapter.modules):
         raise IncompatibleAdapterError(

@@ -115,7 +115,13 @@ class PluginHost:
             dist = ep.dist
             self.add(plugin, ep.name, distribution=dist.name if dist else None,
                      version=dist.version if dist else None)
-        self.pm.check_pending()
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as e:  # a misspelled hook would otherwise never run
+            name = self.pm.get_name(e.plugin) if e.plugin is not None else "?"
+            raise PluginError(
+                f"plugin {name!r}: {e}; fix the hook name or disable it with ADAPTR_DISABLE_PLUGINS={name}"
+            ) from e
         if settings.trace_plugins:
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
             self.pm.enable_tracing()

@@ -9,6 +9,7 @@ moves the files into place (fsync + rename) before the caller records the catalo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -105,6 +106,8 @@ class Store:
             shutil.rmtree(final)
         building = self.tmp / f"{uuid.uuid4().hex}.dir"
         entries: list[FileEntry] = []
+        created: list[Path] = []  # objects this commit added, removed again if it does not finish
+        placed = False
         try:
             for src in list_files(staged):
                 rel = src.relative_to(staged).as_posix()
@@ -114,6 +117,7 @@ class Store:
                 if not obj.exists():
                     obj.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(src, obj)
+                    created.append(obj)
                     fsync_dir(obj.parent)
                 dest = building / rel
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -121,10 +125,19 @@ class Store:
                 entries.append(FileEntry(rel, obj.stat().st_size, sha))
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(building, final)
+            placed = True
             fsync_dir(final.parent)
-        except OSError as e:
+        except BaseException as e:  # Ctrl-C included: leave no partial folder or orphan object behind
             shutil.rmtree(building, ignore_errors=True)
-            raise OperationError(f"could not write artifact files into {self.root}: {e}") from e
+            if placed:
+                shutil.rmtree(final, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()  # only when empty: other versions stay
+            for obj in created:
+                obj.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise OperationError(f"could not write artifact files into {self.root}: {e}") from e
+            raise
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return final, entries

@@ -467,6 +467,9 @@ def make_lora_adapter(
             norm = torch.linalg.norm(weight + scaling * (lora_b @ lora_a), dim=1)
             jitter = 1.0 + 0.1 * (torch.rand(out_f, generator=gen) * 2 - 1)
             out_tensors[prefix + "lora_magnitude_vector"] = (norm * jitter).to(torch_dtype)
+        if module.rsplit(".", 1)[-1] == "lm_head":
+            # PEFT saves a targeted head's base weight too (save_embedding_layers="auto"); readers must cope.
+            out_tensors[prefix + "base_layer.weight"] = _load_tensor(file, stored)
 
     for saved in modules_to_save or ():
         modules = sorted({k.rsplit(".", 1)[0] for k in params if k.rsplit(".", 1)[0].endswith(saved)})

@@ -29,10 +29,12 @@ from adaptr.testing import (  # noqa: E402
 
 INPUT_IDS = [[1, 5, 9, 42, 7, 200]]
 
-# PEFT's own false alarms for lora_bias on bias-free Linear layers; the adapter is still valid.
+# Library chatter about situations these tests create on purpose; the files are still valid.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*lora_bias=True. was passed"),
     pytest.mark.filterwarnings("ignore:.*LoRA tensor.s. have invalid shape"),
+    pytest.mark.filterwarnings("ignore:.*save_embedding_layers"),
+    pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing. is deprecated"),
 ]
 
 
@@ -178,6 +180,7 @@ ADAPTER_CASES = {
     "dora": {"use_dora": True, "target_modules": ["q_proj", "down_proj"]},
     "modules-to-save": {"modules_to_save": ["lm_head"]},
     "layers": {"layers_to_transform": [1], "target_modules": DEFAULT_TARGETS_ALL_LINEAR},
+    "lm-head": {"target_modules": ["q_proj", "lm_head"]},
     "bin": {"weights_format": "bin"},
     "bf16": {"dtype": "bfloat16", "r": 4},
 }
@@ -248,6 +251,21 @@ def test_peft_loads_fan_in_fan_out_adapter_on_gpt2(tmp_path: Path, gpt2_base: Pa
     assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (192, 8)
     assert tensors["base_model.model.transformer.h.1.mlp.c_fc.lora_B.weight"].shape == (256, 8)
     _check_adapter(gpt2_base, adapter)
+
+
+@pytest.mark.parametrize("arch", ["llama-tied", "gpt2"])
+@pytest.mark.filterwarnings("ignore:.*tie_word_embeddings=True")
+@pytest.mark.filterwarnings("ignore:.*fan_in_fan_out is set to")
+def test_tied_head_can_be_targeted_or_saved(tmp_path: Path, gpt2_base: Path, arch: str) -> None:
+    """A tied head has no tensor of its own on disk, yet PEFT can wrap it or save a copy of it."""
+    base = gpt2_base if arch == "gpt2" else make_llama_base(tmp_path / "base", tie_word_embeddings=True)
+    block = "c_proj" if arch == "gpt2" else "q_proj"
+    targeted = make_lora_adapter(tmp_path / "targeted", base, target_modules=[block, "lm_head"])
+    assert _file_tensors(targeted)["base_model.model.lm_head.lora_B.weight"].shape == (256, 8)
+    _check_adapter(base, targeted)
+    saved = make_lora_adapter(tmp_path / "saved", base, target_modules=[block], modules_to_save=["lm_head"])
+    assert _file_tensors(saved)["base_model.model.lm_head.weight"].shape == (256, 64)
+    _check_adapter(base, saved)
 
 
 def _folder_bytes(folder: Path) -> dict[str, bytes]:

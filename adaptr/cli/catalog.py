@@ -47,11 +47,14 @@ def _tree(graph: dict[str, Any]) -> None:
 
     edges = graph["edges"]
     nodes = {n["ref"]: n for n in graph["nodes"]}
-    children: dict[str, list[dict]] = {}
-    has_parent = set()
+    # A node with several parents (a merge) hangs under its first parent; the others are named.
+    by_child: dict[str, list[dict]] = {}
     for e in edges:
-        children.setdefault(e["parent"], []).append(e)
-        has_parent.add(e["child"])
+        by_child.setdefault(e["child"], []).append(e)
+    children: dict[str, list[dict]] = {}
+    for child, es in by_child.items():
+        children.setdefault(es[0]["parent"], []).append({**es[0], "others": [x["parent"] for x in es[1:]]})
+    has_parent = set(by_child)
 
     def label(ref: str) -> str:
         n = nodes[ref]
@@ -60,8 +63,14 @@ def _tree(graph: dict[str, Any]) -> None:
 
     def grow(tree: Tree, ref: str, seen: set[str]) -> None:
         for e in children.get(ref, []):
+            how = e["operation"]
+            strategy = (e["params"] or {}).get("strategy")
+            if strategy:
+                how += f" {strategy}"
+            if e["others"]:
+                how += " with " + ", ".join(e["others"])
             seed = f", seed {e['seed']}" if e["seed"] is not None else ""
-            sub = tree.add(f"{label(e['child'])} [cyan]← {e['operation']}[/cyan] [dim]{e['plugin'] or ''}{seed}[/dim]")
+            sub = tree.add(f"{label(e['child'])} [cyan]← {how}[/cyan] [dim]{e['plugin'] or ''}{seed}[/dim]")
             if e["child"] not in seen:
                 grow(sub, e["child"], seen | {e["child"]})
 

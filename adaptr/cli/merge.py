@@ -1,9 +1,82 @@
-"""``adaptr merge`` (filled in by the merge engine)."""
+"""``adaptr merge``: flags (or a YAML file with the same keys) → MergeSpec → merge service."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from adaptr.cli.output import JSON_OPTION, catalog, emit_json
+
+
+def _floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    from adaptr.errors import InvalidInputError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidInputError(f"--weights {text!r}: expected comma-separated numbers like 1,0.5") from None
+
+
+def merge(
+    adapter: list[str] = typer.Option(None, "--adapter", "-a", help="Adapter to merge (NAME[@N]); repeatable."),
+    base: str = typer.Option(None, "--base", help="Base model (default: the adapters' base)."),
+    strategy: str = typer.Option(None, "--strategy", "-s",
+                                 help="simple, linear, task_arithmetic, ties, dare_linear, dare_ties, "
+                                      "magnitude_prune or a plugin's (default: simple for one adapter)."),
+    weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per --adapter."),
+    density: float = typer.Option(None, "--density", help="Fraction kept (ties, dare_*, magnitude_prune; "
+                                                          "default 0.2)."),
+    lambda_: float = typer.Option(None, "--lambda", help="Scale of the merged delta (default 1.0)."),
+    normalize: bool = typer.Option(None, "--normalize/--no-normalize", help="Divide by the sum of weights."),
+    rescale: str = typer.Option(None, "--rescale", help="DARE rescale: density (default), l1 or none."),
+    seed: int = typer.Option(None, "--seed", help="Seed for random steps (default 0)."),
+    dtype: str = typer.Option(None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: the base's)."),
+    max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest output shard (default 5GB)."),
+    modules_to_save_from: str = typer.Option(None, "--modules-to-save-from",
+                                             help="Adapter whose modules_to_save tensors are used."),
+    name: str = typer.Option(None, "--name", help="Catalog name of the merged model."),
+    new_version: bool = typer.Option(None, "--new-version", help="Add a new version when NAME exists."),
+    verify: bool = typer.Option(None, "--verify", help="Compare logits with base + adapter (needs transformers)."),
+    config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Merge adapters into their base and record the result with its lineage."""
+    from adaptr.services.merge import merge as run_merge
+    from adaptr.specs import MergeSpec, load_yaml, validate_spec
+
+    data = load_yaml(config) if config else {}
+    flags = {
+        "adapters": adapter or None,
+        "base": base,
+        "strategy": strategy,
+        "weights": _floats(weights),
+        "density": density,
+        "lambda": lambda_,
+        "normalize": normalize,
+        "rescale": rescale,
+        "seed": seed,
+        "dtype": dtype,
+        "max_shard_size": max_shard_size,
+        "modules_to_save_from": modules_to_save_from,
+        "name": name,
+        "new_version": new_version,
+        "verify": verify,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    spec = validate_spec(MergeSpec, data, source=str(config) if config else "merge options")
+    art = run_merge(spec, catalog=catalog())
+    if json:
+        emit_json(art)
+    else:
+        meta = art["metadata"]
+        extra = f", max |Δlogit| {meta['verify']['max_abs_logit_diff']:.3g}" if "verify" in meta else ""
+        typer.echo(f"merged {', '.join(meta['adapters'])} into {art['base']} with {meta['strategy']} → "
+                   f"{art['ref']} ({art['content_hash'][:12]}){extra}")
+        typer.echo(art["path"])
 
 
 def register(app: typer.Typer) -> None:
-    return None
+    app.command()(merge)

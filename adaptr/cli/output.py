@@ -19,7 +19,10 @@ def emit_json(obj: Any) -> None:
 def stdout():  # noqa: ANN201 - rich imported lazily
     from rich.console import Console
 
-    return Console(soft_wrap=True)
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:  # pipes and logs get whole lines, not 80-column cuts
+        console = Console(soft_wrap=True, width=160)
+    return console
 
 
 def stderr():  # noqa: ANN201

@@ -719,36 +719,34 @@ class StreamingShardWriter:
                 f"{self.out_dir}: only {self._next} of {len(self._order)} tensors were written "
                 f"(next: {missing!r}); nothing was saved"
             )
+        finals = [self.out_dir / n for n in self.shard_names]
+        index_path = self.out_dir / f"{self._prefix}.safetensors.index.json" if len(finals) > 1 else None
+        renamed: list[Path] = []
         try:
             for shard in range(len(self.shard_names)):
                 if shard not in self._temps:
                     self._finish(shard)
-            stale = set(self._existing_weight_files()) if self._overwrite else set()
-            finals = [self.out_dir / n for n in self.shard_names]
+            if self._overwrite:
+                # Drop stale files first: a crash then leaves no weights rather than an old single file
+                # that transformers would load ahead of the new shards.
+                for path in set(self._existing_weight_files()) - {*finals, index_path}:
+                    path.unlink(missing_ok=True)
             for shard, final in enumerate(finals):
-                os.replace(self._temps[shard], final)
-            self._temps.clear()
-            if len(finals) > 1:
-                self.index_path = self.out_dir / f"{self._prefix}.safetensors.index.json"
-                atomic_write_json(
-                    self.index_path,
-                    {
-                        "metadata": {
-                            "total_parameters": self.total_parameters,
-                            "total_size": self.total_size,
-                        },
-                        "weight_map": self.weight_map,
-                    },
-                )
-            keep = {*finals, self.index_path}
-            for path in stale - keep:  # e.g. an old single file that transformers would load first
-                path.unlink(missing_ok=True)
+                os.replace(self._temps.pop(shard), final)
+                renamed.append(final)
+            if index_path is not None:
+                index = {
+                    "metadata": {"total_parameters": self.total_parameters, "total_size": self.total_size},
+                    "weight_map": self.weight_map,
+                }
+                atomic_write_json(index_path, index)
             fsync_dir(self.out_dir)
         except BaseException:
             self.abort()
-            for path in (self.out_dir / n for n in self.shard_names):
+            for path in renamed:
                 path.unlink(missing_ok=True)
             raise
+        self.index_path = index_path
         self.files = finals
         self._done = True
 

@@ -57,7 +57,12 @@ _MERGE_CHUNK = 1 << 18
 _MASK_CHUNK = 1 << 20
 # Number of buckets of the first radix pass: the top 16 bits of a non-negative float32 (sign bit clear).
 _HI_BUCKETS = 1 << 15
-_LO_BUCKETS = 1 << 16
+_INF_BUCKET = 0x7F80  # top 16 bits of +inf
+_INF_BITS = 0x7F800000
+# Sample that proposes the window of the one-pass select, and the widest window it may propose.
+_SAMPLE_SIZE = 1 << 16
+_SAMPLE_SEED = 0x5EED_AD4A
+_MAX_WINDOW = 1 << 20
 _RESCALE_MODES = ("density", "l1", None)
 
 
@@ -186,13 +191,107 @@ def _bits_to_float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
-def _kth_from_top(counts: Tensor, k: int) -> tuple[int, int]:
-    """Bucket holding the k-th largest element (1-based) and how many elements lie in higher buckets."""
+def _float_to_bits(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+def _locate_from_top(counts: Tensor, k: int) -> int:
+    """Index of the bin holding the k-th element (1-based) counted from the highest bin down."""
     from_top = counts.flip(0).cumsum(0)
-    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype))[0])
-    bucket = counts.numel() - 1 - j
-    above = int(from_top[j]) - int(counts[bucket])
-    return bucket, above
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device))[0])
+    return counts.numel() - 1 - j
+
+
+def _top_bits_histogram(flat: Tensor, buf: Tensor) -> Tensor:
+    """``counts[h]`` = number of elements whose ``|x|`` has top-16-bit pattern ``h`` (32768 buckets)."""
+    n = flat.numel()
+    chunk = buf.numel()
+    bits_buf = buf.view(torch.int32)
+    counts = torch.zeros(_HI_BUCKETS, dtype=torch.int64, device=flat.device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        torch.abs(flat[start : start + size], out=buf[:size])
+        bits = bits_buf[:size]
+        bits.bitwise_right_shift_(16)
+        counts += torch.bincount(bits, minlength=_HI_BUCKETS)
+    return counts
+
+
+def _window_histogram(flat: Tensor, lower: int, upper: int, buf: Tensor) -> Tensor:
+    """Exact counts of the bit patterns of ``|x|`` in a window ``[lower, upper]`` of float32 patterns.
+
+    ``|x|`` is clamped to ``[float(lower), float(upper)]`` and histogrammed by ``bits - lower``: bin
+    ``j`` for ``0 < j < upper - lower`` counts the elements whose pattern is exactly ``lower + j``, bin 0
+    those at or below ``lower`` and the last bin those at or above ``upper``. Clamping instead of
+    extracting keeps every step a plain elementwise op.
+    """
+    n = flat.numel()
+    chunk = buf.numel()
+    bits_buf = buf.view(torch.int32)
+    low, high = _bits_to_float(lower), _bits_to_float(upper)
+    bins = upper - lower + 1
+    counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        values = buf[:size]
+        torch.abs(flat[start : start + size], out=values)
+        values.clamp_(low, high)
+        bits = bits_buf[:size]
+        bits.sub_(lower)
+        counts += torch.bincount(bits, minlength=bins)
+    return counts
+
+
+def _sample_window(flat: Tensor, k: int) -> tuple[int, int] | None:
+    """A window of bit patterns that holds the k-th largest ``|x|`` with overwhelming probability.
+
+    From a fixed-seed random sample of 65536 entries: the sample order statistics ``6σ + 4`` ranks
+    either side of the expected rank ``k·m/n``. None when the window would reach past the sample or
+    span more than ``_MAX_WINDOW`` patterns (heavy tails, tiny k); the caller then uses the two-pass
+    radix select. The window is only a guess: ``_select_in_window`` verifies it.
+    """
+    n = flat.numel()
+    m = _SAMPLE_SIZE
+    generator = torch.Generator(device=flat.device)
+    generator.manual_seed(_SAMPLE_SEED)
+    index = torch.randint(n, (m,), generator=generator, device=flat.device)
+    sample = flat[index].abs_()
+    q = k / n
+    expected = q * m
+    margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
+    top_rank = math.floor(expected - margin)
+    bottom_rank = math.ceil(expected + margin)
+    if top_rank < 1 or bottom_rank > m:
+        return None
+    ordered = sample.sort().values  # ascending; the r-th largest is ordered[m - r]
+    lower = _float_to_bits(float(ordered[m - bottom_rank]))
+    upper = _float_to_bits(float(ordered[m - top_rank])) + 1
+    if upper - lower > _MAX_WINDOW or upper > _INF_BITS:
+        return None
+    return lower, upper
+
+
+def _select_in_window(flat: Tensor, k: int, lower: int, upper: int, buf: Tensor) -> float | None:
+    """The k-th largest ``|x|`` if it lies strictly inside ``(lower, upper)`` (bit patterns), else None."""
+    counts = _window_histogram(flat, lower, upper, buf)
+    if int(counts[-1]) >= k:  # at least k elements at or above ``upper``: the answer is above the window
+        return None
+    offset = _locate_from_top(counts, k)
+    if offset == 0 and lower != 0:  # bin 0 mixes ``lower`` with everything below it
+        return None
+    return _bits_to_float(lower + offset)
+
+
+def _radix_select(flat: Tensor, k: int, buf: Tensor) -> float:
+    """Two-pass radix select: top 16 bits over everything, then the low 16 bits inside one bucket."""
+    hi = _locate_from_top(_top_bits_histogram(flat, buf), k)
+    if hi >= _INF_BUCKET:  # +inf (or NaN) is the answer; its low bits need no second pass
+        return _bits_to_float(hi << 16)
+    # Bucket ``hi`` spans patterns [hi << 16, (hi + 1) << 16). The window histogram's last bin counts
+    # exactly the elements of higher buckets, and the k-th largest is known to lie in bucket ``hi``, so
+    # reaching bin 0 (which also holds everything below) means the answer is ``hi << 16`` itself.
+    counts = _window_histogram(flat, hi << 16, (hi + 1) << 16, buf)
+    return _bits_to_float((hi << 16) + _locate_from_top(counts, k))
 
 
 def magnitude_threshold(x: Tensor, k: int) -> float:
@@ -203,11 +302,19 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
     top-k% by magnitude) and of mergekit's / PEFT's magnitude pruning, without their full
     ``argsort``/``topk`` and its int64 index tensor.
 
-    Algorithm (an MSD radix select on the IEEE-754 bit pattern; non-negative float32 values order like
-    their int32 bit patterns): pass 1 histograms the top 16 bits of ``|x|`` (32768 buckets, chunks of
-    2M elements, no full-size temporaries) and finds the bucket holding the k-th largest; pass 2
-    histograms the low 16 bits of the elements in that bucket, which pins down the exact bit pattern.
-    Tensors of at most 65536 elements use ``torch.kthvalue`` directly.
+    Algorithm: a radix select on the IEEE-754 bit pattern (non-negative float32 values order like their
+    int32 bit patterns), streaming over chunks of 2M elements with one reused buffer and no full-size
+    temporaries:
+
+    1. a fixed-seed random sample of 65536 entries proposes a narrow window of bit patterns around the
+       expected k-th largest; one pass clamps ``|x|`` to the window and ``bincount``s the patterns,
+       which yields the exact answer whenever it lies inside the window (verified from the counts);
+    2. otherwise (a bad sample, heavy tails, tiny k), the two-pass MSD form: a histogram of the top 16
+       bits (32768 buckets) finds the bucket of the k-th largest, a window histogram of that bucket's
+       65536 patterns pins down the exact value.
+
+    Both paths are exact; the sample only decides how fast. Tensors of at most 65536 elements use
+    ``torch.kthvalue`` directly.
 
     Args:
         x: a finite tensor of any shape (float32; other float dtypes are upcast, exactly). NaN would
@@ -232,33 +339,13 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
         flat = flat.float()
     if n <= _SELECT_SMALL:
         return float(flat.abs().kthvalue(n - k + 1).values)
-
-    chunk = min(n, _SELECT_CHUNK)
-    buf = torch.empty(chunk, dtype=torch.float32, device=flat.device)
-    bits_buf = buf.view(torch.int32)
-
-    # Pass 1: histogram of the top 16 bits (sign cleared by abs) of every element.
-    hi_counts = torch.zeros(_HI_BUCKETS, dtype=torch.int64, device=flat.device)
-    for start in range(0, n, chunk):
-        size = min(chunk, n - start)
-        torch.abs(flat[start : start + size], out=buf[:size])
-        bits = bits_buf[:size]
-        bits.bitwise_right_shift_(16)
-        hi_counts += torch.bincount(bits, minlength=_HI_BUCKETS)
-    hi, above = _kth_from_top(hi_counts, k)
-    rank = k - above  # 1-based rank from the top inside bucket ``hi``
-
-    # Pass 2: histogram of the low 16 bits of the elements in bucket ``hi``.
-    lo_counts = torch.zeros(_LO_BUCKETS, dtype=torch.int64, device=flat.device)
-    for start in range(0, n, chunk):
-        size = min(chunk, n - start)
-        torch.abs(flat[start : start + size], out=buf[:size])
-        bits = bits_buf[:size]
-        selected = bits[(bits >> 16) == hi]
-        if selected.numel():
-            lo_counts += torch.bincount(selected.bitwise_and_(0xFFFF), minlength=_LO_BUCKETS)
-    lo, _ = _kth_from_top(lo_counts, rank)
-    return _bits_to_float((hi << 16) | lo)
+    buf = torch.empty(min(n, _SELECT_CHUNK), dtype=torch.float32, device=flat.device)
+    window = _sample_window(flat, k)
+    if window is not None:
+        found = _select_in_window(flat, k, *window, buf)
+        if found is not None:
+            return found
+    return _radix_select(flat, k, buf)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -606,6 +693,8 @@ def ties_merge(
     if not active:
         return out
 
+    # Only float32 ops on float32 buffers in the loop: masks are 0.0/1.0 floats, because bool outputs,
+    # masked_fill and where are several times slower than arithmetic on CPU.
     result = out.view(-1)
     chunk = min(n, _MERGE_CHUNK)
     m = len(active)
@@ -614,49 +703,45 @@ def ties_merge(
     total = torch.empty(chunk, dtype=torch.float32, device=device)
     signs = torch.empty(chunk, dtype=torch.float32, device=device)
     divisor = torch.empty(chunk, dtype=torch.float32, device=device)
-    flags = torch.empty(chunk, dtype=torch.bool, device=device)
-    plus = torch.ones((), dtype=torch.float32, device=device)
-    minus = -plus
 
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         stop = start + size
-        tmp, tot, sgn, div, flg = scratch[:size], total[:size], signs[:size], divisor[:size], flags[:size]
-        # Trim and weight each delta, accumulating the election sum Σ w_i·trim(δ_i).
+        tmp, tot, sgn, div = scratch[:size], total[:size], signs[:size], divisor[:size]
+        # Trim and weight each delta: w_i·δ_i·[|δ_i| >= t_i]; accumulate the election sum.
         for i, (flat, w, threshold) in enumerate(active):
             x = flat[start:stop]
             wd = weighted[i, :size]
             torch.mul(x, w, out=wd)
             if threshold is not None:
                 torch.abs(x, out=tmp)
-                torch.lt(tmp, threshold, out=flg)
-                wd.masked_fill_(flg, 0)
+                tmp.ge_(threshold)  # 1.0 keep, 0.0 drop
+                wd.mul_(tmp)
             if i == 0:
                 tot.copy_(wd)
             else:
                 tot.add_(wd)
         # Elect: s = +1 where the sum is >= 0 (exact zero included), else -1.
-        torch.ge(tot, 0, out=flg)
-        torch.where(flg, plus, minus, out=sgn)
+        torch.ge(tot, 0, out=sgn)
+        sgn.mul_(2).sub_(1)
         # Disjoint merge: relu(s·w_i·δ_i) is |w_i·δ_i| where it agrees, else 0. Negation is exact, so
-        # s·Σ relu(s·δ̃_i) equals Σ δ̃_i·a_i term for term.
+        # s·Σ relu(s·δ̃_i) equals Σ δ̃_i·a_i term for term, and sign(relu(...)) is a_i in {0, 1}.
         num = result[start:stop]
         for i in range(m):
-            wd = weighted[i, :size]
-            torch.mul(wd, sgn, out=tmp)
+            torch.mul(weighted[i, :size], sgn, out=tmp)
             tmp.relu_()
             if i == 0:
                 num.copy_(tmp)
             else:
                 num.add_(tmp)
-            tmp.sign_()  # a_i in {0, 1}
+            tmp.sign_()
             if i == 0:
                 torch.mul(tmp, active[i][1], out=div)
             else:
                 div.add_(tmp, alpha=active[i][1])
         num.mul_(sgn)
-        torch.eq(div, 0, out=flg)
-        div.masked_fill_(flg, 1)
+        torch.eq(div, 0, out=tmp)
+        div.add_(tmp)  # a divisor of exactly 0 becomes 1; others are unchanged (x + 0 = x)
         num.div_(div)
         if scale != 1:
             num.mul_(scale)

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +126,7 @@ class Catalog:
             "tags": list(tags),
             "flags": list(art.flags),
             "metadata": dict(art.meta),
-            "created_at": art.created_at.isoformat(),
+            "created_at": _utc(art.created_at).isoformat(),
         }
         if files:
             rows = session.exec(
@@ -235,21 +236,21 @@ class Catalog:
                     assert linked is not None
                     folder, storage = linked.resolve(), "link"
                     entries = hash_folder(folder, advance, files=linked_files)
-            art = Artifact(
-                name=name,
-                version=version,
-                kind=kind,
-                content_hash=content_hash(entries),
-                size_bytes=sum(e.size for e in entries),
-                path=str(folder),
-                storage=storage,
-                base_id=base_id,
-                rank=rank,
-                meta=meta or {},
-                manifest=manifest or {},
-                flags=sorted(set(flags)),
-            )
             try:
+                art = Artifact(
+                    name=name,
+                    version=version,
+                    kind=kind,
+                    content_hash=content_hash(entries),
+                    size_bytes=sum(e.size for e in entries),
+                    path=str(folder),
+                    storage=storage,
+                    base_id=base_id,
+                    rank=rank,
+                    meta=meta or {},
+                    manifest=manifest or {},
+                    flags=sorted(set(flags)),
+                )
                 s.add(art)
                 s.flush()
                 for e in entries:
@@ -298,7 +299,7 @@ class Catalog:
 
     def add_base(self, path: str | Path, *, name: str | None = None, copy: bool = False,
                  tags: Sequence[str] = (), new_version: bool = False) -> dict[str, Any]:
-        path = Path(path).expanduser()
+        path = Path(path).expanduser().absolute()  # linked files are recorded relative to it
         name = check_name(name or path.resolve().name)
         with self.session() as s:  # fail on a taken name before hashing gigabytes
             self.next_version(s, name, "base", new_version)
@@ -454,6 +455,11 @@ class Catalog:
     def count(self) -> int:
         with self.session() as s:
             return s.exec(select(func.count()).select_from(Artifact)).one()
+
+
+def _utc(t: datetime) -> datetime:
+    """SQLite drops the zone of stored times; they are UTC, so say so on every backend alike."""
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def _ref(a: Artifact) -> str:

@@ -115,6 +115,7 @@ class PeftLoraReader:
 
         parts: dict[str, dict[str, str]] = {}
         replacements: dict[str, str] = {}
+        base_layers: dict[str, str] = {}
         for key in tensors:
             rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
             m = _LORA_KEY.match(rel)
@@ -122,9 +123,16 @@ class PeftLoraReader:
                 part = m["part"] + (".bias" if m["leaf"] == "bias" else "")
                 parts.setdefault(m["module"], {})[part] = key
             elif ".base_layer." in rel:
-                replacements[rel.replace(".base_layer.", ".")] = key
+                base_layers[rel] = key
             else:
                 replacements[rel] = key
+
+        # PEFT saves a targeted module's base weight too (`<m>.base_layer.weight`): a copy of
+        # the base, not a replacement, unless the module is not LoRA-targeted at all.
+        for rel, key in base_layers.items():
+            module = rel.split(".base_layer.")[0]
+            if module not in parts:
+                replacements[rel.replace(".base_layer.", ".")] = key
 
         modules: dict[str, LoraModule] = {}
         for module, p in sorted(parts.items()):

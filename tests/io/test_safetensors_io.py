@@ -571,3 +571,13 @@ def test_dtype_maps() -> None:
 def test_import_does_not_load_torch() -> None:
     code = "import sys, adaptr.io.safetensors_io, adaptr.io.files; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2]).returncode == 0
+
+
+def test_failure_while_committing_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(path: Path, obj: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(sio, "atomic_write_json", fail)
+    with pytest.raises(OSError, match="disk full"):
+        _write(tmp_path, {"a": torch.ones(10), "b": torch.ones(10)}, max_shard_size=40)
+    assert list(tmp_path.iterdir()) == []

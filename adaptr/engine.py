@@ -1,0 +1,264 @@
+"""The streaming merge engine: one output tensor at a time, never the whole model.
+
+For each tensor of the base (in file order) it reads the base tensor from a memory map,
+reads only the LoRA factors that touch it, hands the whole per-tensor merge to a kernel
+(a plugin's, claimed through ``get_kernel``, or the torch reference), and streams the
+result into the shard writer. Peak memory is a small multiple of the largest tensor.
+The engine knows strategies only through the registry; it never names one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptr.errors import IncompatibleAdapterError, InvalidInputError
+from adaptr.interfaces import AdapterManifest, LoraModule, MergeStrategy, ModelManifest
+from adaptr.ops.merge_tensor import DenseDelta, LoraFactors, TensorMergeOp, merge_tensor
+from adaptr.ops.reference import make_generator
+
+WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+_FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
+_CODE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
+
+
+@dataclass
+class AdapterInput:
+    ref: str
+    path: Path
+    manifest: AdapterManifest
+    weight: float
+
+
+@dataclass
+class OutputTensor:
+    """One tensor of the merged model and everything that changes it."""
+
+    name: str
+    source: str  # base tensor it starts from
+    shape: list[int]
+    code: str  # safetensors dtype code written
+    lora: list[tuple[int, LoraModule]] = field(default_factory=list)
+    bias: list[tuple[int, LoraModule]] = field(default_factory=list)
+    replacement: tuple[int, str] | None = None
+    dora: tuple[int, LoraModule] | None = None
+
+
+@dataclass
+class MergePlan:
+    tensors: list[OutputTensor]
+    untied: str | None  # name of the tensor added to untie embeddings, if any
+
+    @property
+    def output_bytes(self) -> int:
+        import math
+
+        return sum(math.prod(t.shape) * _CODE_BYTES.get(t.code, 1) for t in self.tensors)
+
+
+def _out_code(in_code: str, dtype: str | None) -> str:
+    if in_code not in _FLOAT_CODES or dtype is None:
+        return in_code
+    return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype]
+
+
+def plan_merge(base: ModelManifest, adapters: list[AdapterInput], *, dtype: str | None,
+               modules_to_save_from: int | None) -> MergePlan:
+    """Decide, per output tensor, which adapters contribute what."""
+    lora: dict[str, list[tuple[int, LoraModule]]] = {}
+    bias: dict[str, list[tuple[int, LoraModule]]] = {}
+    repl: dict[str, list[tuple[int, str]]] = {}
+    dora: dict[str, tuple[int, LoraModule]] = {}
+    for i, a in enumerate(adapters):
+        for m in a.manifest.modules.values():
+            lora.setdefault(m.target, []).append((i, m))
+            if m.bias_key:
+                bias.setdefault(f"{m.module}.bias", []).append((i, m))
+            if m.magnitude_key:
+                dora[m.target] = (i, m)
+        for target, key in a.manifest.replacements.items():
+            repl.setdefault(target, []).append((i, key))
+
+    # Tied embeddings: a delta on the shared matrix would silently change the head too
+    # (PEFT#2025). Write the head as its own tensor and untie instead.
+    names = list(base.tensors)
+    untied = None
+    embed = next((n for n in names if n.endswith(_EMBED_SUFFIXES)), None)
+    touched = set(lora) | set(repl)
+    if base.tie_word_embeddings and "lm_head.weight" not in base.tensors and embed and (
+        embed in touched or "lm_head.weight" in touched
+    ):
+        untied = "lm_head.weight"
+        names.append(untied)
+
+    out: list[OutputTensor] = []
+    for name in names:
+        source = embed if name == untied else name
+        meta = base.tensors[source]
+        t = OutputTensor(name, source, list(meta.shape), _out_code(meta.dtype, dtype))
+        t.lora = lora.get(name, [])
+        t.bias = bias.get(name, [])
+        t.dora = dora.get(name)
+        reps = repl.get(name, [])
+        if len(reps) > 1:
+            if modules_to_save_from is None:
+                refs = ", ".join(adapters[i].ref for i, _ in reps)
+                raise InvalidInputError(
+                    f"adapters {refs} each carry their own {name} (modules_to_save); pick one with "
+                    "--modules-to-save-from NAME"
+                )
+            reps = [r for r in reps if r[0] == modules_to_save_from]
+        if reps:
+            if t.lora:
+                raise IncompatibleAdapterError(
+                    f"{name} is both LoRA-targeted and replaced by modules_to_save; merge those adapters separately"
+                )
+            t.replacement = reps[0]
+            shape = adapters[reps[0][0]].manifest.tensors[reps[0][1]].shape
+            t.shape = list(shape)
+        out.append(t)
+    for target in bias:
+        if target not in base.tensors:
+            raise IncompatibleAdapterError(
+                f"adapter has a lora_B bias for {target.removesuffix('.bias')}, but the base layer has no bias; "
+                "merge it into a base whose layer has a bias"
+            )
+    return MergePlan(out, untied)
+
+
+def resolve_params(strategy: MergeStrategy, given: dict[str, Any]) -> dict[str, Any]:
+    defs = {p.name: p for p in strategy.params}
+    unknown = sorted(set(given) - set(defs))
+    if unknown:
+        takes = ", ".join(sorted(defs)) or "no parameters"
+        raise InvalidInputError(f"strategy {strategy.name!r} does not take {', '.join(unknown)}; it takes {takes}")
+    out = {}
+    for name, p in defs.items():
+        value = given.get(name, p.default)
+        if value is not None and p.type is float:
+            value = float(value)
+        out[name] = value
+    return out
+
+
+def copy_side_files(base_path: Path, dest: Path, *, dtype: str | None, untied: bool) -> None:
+    """Config, tokenizer and generation files travel with the weights; config records the changes."""
+    import shutil
+
+    from adaptr.store import list_files
+
+    for src in list_files(base_path):
+        rel = src.relative_to(base_path)
+        if rel.name.startswith(WEIGHT_FILE_PREFIXES) or rel.name == "config.json" and len(rel.parts) == 1:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest / rel)
+    cfg = json.loads((base_path / "config.json").read_text(encoding="utf-8"))
+    if dtype:
+        cfg["dtype"] = dtype
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = dtype
+    if untied:
+        cfg["tie_word_embeddings"] = False
+        if isinstance(cfg.get("text_config"), dict):
+            cfg["text_config"]["tie_word_embeddings"] = False
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def execute(
+    plan: MergePlan,
+    *,
+    base_path: Path,
+    adapters: list[AdapterInput],
+    strategy: MergeStrategy,
+    params: dict[str, Any],
+    seed: int,
+    dest: Path,
+    max_shard_size: int,
+    progress: Callable[[int], None],
+) -> None:
+    """Stream every output tensor into ``dest`` (sharded safetensors)."""
+    import contextlib
+
+    from safetensors import safe_open
+
+    from adaptr.io.safetensors_io import StreamingShardWriter, open_weights, torch_dtype
+    from adaptr.plugins import get_host
+
+    kernel_params = {"strategy": strategy.name, **params}
+    kernels: dict[tuple[str, str], Callable[[TensorMergeOp], torch.Tensor]] = {}
+    reference = functools.partial(merge_tensor, strategy=strategy)
+
+    def kernel_for(device: str, dtype: torch.dtype) -> Callable[[TensorMergeOp], torch.Tensor]:
+        key = (device, str(dtype).removeprefix("torch."))
+        if key not in kernels:
+            claimed = get_host().pm.hook.get_kernel(op="merge_tensor", device=key[0], dtype=key[1],
+                                                    params=kernel_params)
+            kernels[key] = claimed or reference
+        return kernels[key]
+
+    specs = [(t.name, t.code, tuple(t.shape)) for t in plan.tensors]
+    weights = open_weights(base_path)
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(weights.reader())
+        files = [stack.enter_context(safe_open(str(a.path / a.manifest.weights_file), framework="pt"))
+                 for a in adapters]
+        writer = stack.enter_context(
+            StreamingShardWriter(dest, specs, max_shard_size=max_shard_size, check_space=False)
+        )
+        for t in plan.tensors:
+            out_dtype = torch_dtype(t.code)
+            if t.replacement is not None:
+                i, key = t.replacement
+                value = files[i].get_tensor(key).to(out_dtype)
+            elif t.lora or t.bias:
+                op = _tensor_op(t, base.get(t.source), files, adapters, strategy.name, params, seed, out_dtype)
+                value = kernel_for(str(op.base.device), out_dtype)(op)
+                if not torch.isfinite(value).all():
+                    raise InvalidInputError(
+                        f"merging produced NaN/Inf in {t.name}; check the adapters' weights and the strategy "
+                        "parameters"
+                    )
+            else:
+                src = base.get(t.source)
+                value = src if src.dtype == out_dtype else src.to(out_dtype)
+            writer.write(t.name, value)
+            progress(value.numel() * value.element_size())
+            del value
+
+
+def _tensor_op(t: OutputTensor, base_t: torch.Tensor, files: list[Any], adapters: list[AdapterInput],
+               strategy: str, params: dict[str, Any], seed: int, out_dtype: torch.dtype) -> TensorMergeOp:
+    contributions: list[LoraFactors | DenseDelta] = []
+    idx: list[int] = []
+    for i, m in t.lora:
+        contributions.append(LoraFactors(files[i].get_tensor(m.a_key), files[i].get_tensor(m.b_key), m.scaling,
+                                         transpose=m.fan_in_fan_out or m.kind == "embedding"))
+        idx.append(i)
+    for i, m in t.bias:
+        contributions.append(DenseDelta(files[i].get_tensor(m.bias_key).float() * m.scaling))
+        idx.append(i)
+    magnitude, rows_dim0 = None, True
+    if t.dora is not None:
+        i, m = t.dora
+        magnitude, rows_dim0 = files[i].get_tensor(m.magnitude_key), not m.fan_in_fan_out
+    return TensorMergeOp(
+        name=t.name,
+        base=base_t,
+        contributions=contributions,
+        weights=[adapters[i].weight for i in idx],
+        strategy=strategy,
+        params=params,
+        # Seeded by (merge seed, tensor, adapter position): masks do not depend on order or threads.
+        generators=[make_generator(seed, t.name, i) for i in idx],
+        out_dtype=out_dtype,
+        dora_magnitude=magnitude,
+        dora_rows_are_dim0=rows_dim0,
+    )

@@ -1,0 +1,85 @@
+"""One output tensor's whole merge, as a single operation an accelerated backend can claim.
+
+The engine builds a ``TensorMergeOp`` per output tensor and asks the ``get_kernel`` hook
+for ``op="merge_tensor"``; a plugin may return a callable ``fn(op) -> Tensor`` that fuses
+everything (delta products, strategy, base add, cast). When nobody claims it,
+``merge_tensor`` below runs: the strategy's step functions in plain torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from adaptr.ops.reference import lora_delta
+
+if TYPE_CHECKING:
+    from adaptr.interfaces import MergeStrategy
+
+
+@dataclass
+class LoraFactors:
+    """ΔW = scaling · B @ A, transposed when the base stores the weight as [in, out]."""
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    scaling: float
+    transpose: bool = False
+
+    def delta(self) -> torch.Tensor:
+        return lora_delta(self.lora_A, self.lora_B, self.scaling, transpose=self.transpose)
+
+
+@dataclass
+class DenseDelta:
+    """An already-formed delta (e.g. ``scaling · lora_B.bias``)."""
+
+    value: torch.Tensor
+
+    def delta(self) -> torch.Tensor:
+        return self.value.to(torch.float32, copy=True)
+
+
+@dataclass
+class TensorMergeOp:
+    """Everything needed to produce one merged tensor.
+
+    ``contributions[i]`` and ``weights[i]`` and ``generators[i]`` belong to the i-th
+    adapter that touches this tensor (adapters that do not are left out).
+    """
+
+    name: str
+    base: torch.Tensor
+    contributions: list[LoraFactors | DenseDelta]
+    weights: list[float]
+    strategy: str
+    params: dict[str, Any]
+    generators: list[torch.Generator]
+    out_dtype: torch.dtype
+    dora_magnitude: torch.Tensor | None = None
+    dora_rows_are_dim0: bool = True  # False when the weight is stored [in, out] (fan_in_fan_out)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_dora(weight: torch.Tensor, magnitude: torch.Tensor, rows_are_dim0: bool) -> torch.Tensor:
+    """DoRA (arXiv 2402.09353) merge: W' = m / ‖W + ΔW‖_row ⊙ (W + ΔW), as PEFT merges it."""
+    if rows_are_dim0:
+        norm = torch.linalg.vector_norm(weight, dim=1)
+        return weight.mul_((magnitude.float() / norm).view(-1, 1))
+    norm = torch.linalg.vector_norm(weight, dim=0)
+    return weight.mul_((magnitude.float() / norm).view(1, -1))
+
+
+def merge_tensor(op: TensorMergeOp, strategy: MergeStrategy) -> torch.Tensor:
+    """Reference: fp32 deltas → strategy → + base in fp32 → (DoRA) → one cast to the output dtype."""
+    deltas = [c.delta() for c in op.contributions]
+    merged = strategy.merge(deltas, op.weights, op.params, generators=op.generators)
+    del deltas
+    if merged.shape != op.base.shape:
+        merged = merged.reshape(op.base.shape)
+    merged.add_(op.base)
+    if op.dora_magnitude is not None:
+        apply_dora(merged, op.dora_magnitude, op.dora_rows_are_dim0)
+    return merged if merged.dtype == op.out_dtype else merged.to(op.out_dtype)

@@ -1,0 +1,95 @@
+"""One input schema per operation: CLI flags, YAML files and REST bodies all validate here."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from adaptr.errors import InvalidInputError
+
+DTYPE_ALIASES = {
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "fp16": "float16", "float16": "float16", "half": "float16",
+    "fp32": "float32", "float32": "float32", "float": "float32",
+}
+
+
+class MergeSpec(BaseModel):
+    """What to merge, how, and where the result goes."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    base: str | None = Field(None, description="Base model (NAME[@N]); default: the adapters' base.")
+    adapters: list[str] = Field(..., min_length=1, description="Adapters to merge (NAME[@N]).")
+    strategy: str | None = Field(None, description="Merge strategy; default: simple for one adapter.")
+    weights: list[float] | None = Field(None, description="One weight per adapter (default 1.0 each).")
+    density: float | None = Field(None, description="Fraction of each delta kept (ties, dare_*, magnitude_prune).")
+    lambda_: float | None = Field(None, alias="lambda", description="Scale applied to the merged delta.")
+    normalize: bool | None = Field(None, description="Divide by the sum of weights (linear, dare_linear).")
+    rescale: Literal["density", "l1", "none"] | None = Field(None, description="DARE rescale of kept entries.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Extra parameters of plugin strategies.")
+    seed: int = Field(0, ge=0, lt=2**63, description="Seed for random steps (DARE).")
+    dtype: str | None = Field(None, description="Output dtype: bf16, fp16 or fp32 (default: the base's).")
+    max_shard_size: str | int = Field("5GB", description="Largest output shard (decimal units, e.g. 5GB).")
+    modules_to_save_from: str | None = Field(None, description="Adapter whose modules_to_save tensors win.")
+    name: str = Field(..., description="Catalog name of the merged model.")
+    new_version: bool = Field(False, description="Add a new version when NAME exists.")
+    verify: bool = Field(False, description="Compare logits against the unmerged adapter (simple merges).")
+    verify_tolerance: float = Field(0.05, gt=0, description="Largest allowed max |logit difference|.")
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.lower() not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {v!r}; use bf16, fp16 or fp32")
+        return DTYPE_ALIASES[v.lower()]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(math.isfinite(w) for w in v):
+            raise ValueError("weights must be finite numbers")
+        return v
+
+    @field_validator("density", "lambda_")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    def strategy_args(self) -> dict[str, Any]:
+        """The parameters a strategy may declare, as given (None = not given)."""
+        given = {"density": self.density, "lambda": self.lambda_, "normalize": self.normalize,
+                 "rescale": self.rescale}
+        return {**{k: v for k, v in given.items() if v is not None}, **self.params}
+
+
+def validate_spec(cls: type[BaseModel], data: dict[str, Any], source: str = "merge options") -> Any:
+    """Build a spec, turning pydantic's multi-line report into one actionable line."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "input"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise InvalidInputError(f"{source}: {where}: {msg}") from None
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInputError(f"{path}: no such file") from None
+    except yaml.YAMLError as e:
+        raise InvalidInputError(f"{path}: invalid YAML ({str(e).splitlines()[0]}); fix the file") from None
+    if not isinstance(data, dict):
+        raise InvalidInputError(f"{path}: expected a mapping of merge options at the top level")
+    return data

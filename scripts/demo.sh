@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The main job on embedded data: build a tiny base and three adapters, register them,
+# merge them with TIES, and show the catalog and lineage. Safe to run again.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+export ADAPTR_HOME="${ADAPTR_HOME:-$ROOT/.demo/home}"
+FIX="$ROOT/.demo/fixtures"
+
+if [ ! -f "$FIX/base/config.json" ]; then
+  echo "==> generating a tiny Llama base and three LoRA adapters in $FIX"
+  python -c "from adaptr.testing import make_demo_set; make_demo_set('$FIX')"
+fi
+
+adaptr init
+have() { adaptr show "$1" >/dev/null 2>&1; }
+have tiny-llama || adaptr base add "$FIX/base" --name tiny-llama --tag demo
+for a in chat-r4 code-r8 math-r16-rslora; do
+  have "$a" || adaptr adapter add "$FIX/adapters/$a" --base tiny-llama --tag demo
+done
+
+if adaptr merge --help >/dev/null 2>&1 && ! have demo-ties; then
+  echo "==> TIES merge of the three adapters"
+  adaptr merge --base tiny-llama --adapter chat-r4 --adapter code-r8 --adapter math-r16-rslora \
+    --strategy ties --density 0.5 --seed 0 --name demo-ties
+fi
+
+echo "==> catalog"
+adaptr ls
+echo "==> lineage"
+if have demo-ties; then adaptr lineage demo-ties; else adaptr lineage tiny-llama; fi
+adaptr verify
