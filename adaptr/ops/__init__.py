@@ -1,1 +1,1 @@
-"""Tensor operations that merge strategies are composed of (pure torch on CPU, optional accelerated kernels)."""
+"""Tensor operations that merge strategies are composed of (pure-torch reference/CPU path first)."""

@@ -47,7 +47,9 @@ __all__ = [
     "weighted_sum",
 ]
 
-# Elements per chunk of the two radix passes of ``magnitude_threshold`` (8 MiB of float32).
+# ``magnitude_threshold`` streams sub-chunks of 256K elements (1 MiB, L2-resident) through elementwise
+# ops into an int32 buffer of 2M bin indices, then runs one ``bincount`` per 2M.
+_SELECT_SUBCHUNK = 1 << 18
 _SELECT_CHUNK = 1 << 21
 # Below this many elements a plain ``kthvalue`` is as fast as the radix select.
 _SELECT_SMALL = 1 << 16
@@ -58,11 +60,7 @@ _MASK_CHUNK = 1 << 20
 # Number of buckets of the first radix pass: the top 16 bits of a non-negative float32 (sign bit clear).
 _HI_BUCKETS = 1 << 15
 _INF_BUCKET = 0x7F80  # top 16 bits of +inf
-_INF_BITS = 0x7F800000
-# Sample that proposes the window of the one-pass select, and the widest window it may propose.
-_SAMPLE_SIZE = 1 << 16
-_SAMPLE_SEED = 0x5EED_AD4A
-_MAX_WINDOW = 1 << 20
+_LOW_PATTERNS = 1 << 16  # bit patterns per bucket
 _RESCALE_MODES = ("density", "l1", None)
 
 
@@ -123,7 +121,9 @@ def _per_delta_density(density: float | Sequence[float], count: int) -> list[flo
     if isinstance(density, Sequence) and not isinstance(density, str):
         values = [_check_density(d) for d in density]
         if len(values) != count:
-            raise InvalidInputError(f"got {len(values)} densities for {count} deltas; give one or one per delta")
+            raise InvalidInputError(
+                f"got {len(values)} densities for {count} deltas; give one or one per delta"
+            )
         return values
     return [_check_density(density)] * count  # type: ignore[arg-type]
 
@@ -191,10 +191,6 @@ def _bits_to_float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
-def _float_to_bits(value: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", value))[0]
-
-
 def _locate_from_top(counts: Tensor, k: int) -> int:
     """Index of the bin holding the k-th element (1-based) counted from the highest bin down."""
     from_top = counts.flip(0).cumsum(0)
@@ -202,96 +198,57 @@ def _locate_from_top(counts: Tensor, k: int) -> int:
     return counts.numel() - 1 - j
 
 
-def _top_bits_histogram(flat: Tensor, buf: Tensor) -> Tensor:
+class _Buffers:
+    """Reused scratch for one selection: a cache-sized float buffer and one bincount input buffer."""
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.small = min(n, _SELECT_SUBCHUNK)
+        self.chunk = min(n, _SELECT_CHUNK)
+        self.values = torch.empty(self.small, dtype=torch.float32, device=device)
+        self.index = torch.empty(self.chunk, dtype=torch.int32, device=device)
+
+
+def _top_bits_histogram(flat: Tensor, bufs: _Buffers) -> Tensor:
     """``counts[h]`` = number of elements whose ``|x|`` has top-16-bit pattern ``h`` (32768 buckets)."""
     n = flat.numel()
-    chunk = buf.numel()
-    bits_buf = buf.view(torch.int32)
     counts = torch.zeros(_HI_BUCKETS, dtype=torch.int64, device=flat.device)
-    for start in range(0, n, chunk):
-        size = min(chunk, n - start)
-        torch.abs(flat[start : start + size], out=buf[:size])
-        bits = bits_buf[:size]
-        bits.bitwise_right_shift_(16)
-        counts += torch.bincount(bits, minlength=_HI_BUCKETS)
+    for start in range(0, n, bufs.chunk):
+        size = min(bufs.chunk, n - start)
+        for sub in range(0, size, bufs.small):
+            end = min(sub + bufs.small, size)
+            values = bufs.values[: end - sub]
+            torch.abs(flat[start + sub : start + end], out=values)
+            torch.bitwise_right_shift(values.view(torch.int32), 16, out=bufs.index[sub:end])
+        counts += torch.bincount(bufs.index[:size], minlength=_HI_BUCKETS)
     return counts
 
 
-def _window_histogram(flat: Tensor, lower: int, upper: int, buf: Tensor) -> Tensor:
-    """Exact counts of the bit patterns of ``|x|`` in a window ``[lower, upper]`` of float32 patterns.
+def _bucket_histogram(flat: Tensor, hi: int, bufs: _Buffers) -> Tensor:
+    """``counts[j]`` = number of elements whose ``|x|`` has the bit pattern ``(hi << 16) + j``.
 
-    ``|x|`` is clamped to ``[float(lower), float(upper)]`` and histogrammed by ``bits - lower``: bin
-    ``j`` for ``0 < j < upper - lower`` counts the elements whose pattern is exactly ``lower + j``, bin 0
-    those at or below ``lower`` and the last bin those at or above ``upper``. Clamping instead of
-    extracting keeps every step a plain elementwise op.
+    Each element goes to bin ``min((bits − (hi << 16)) & 0x7FFFFFFF, 65536 + (bits >> 16))``: members of
+    bucket ``hi`` keep their low 16 bits, larger patterns land at 65536 or beyond, and smaller ones
+    wrap to at least ``2**31 − 0x7F7F0000`` (finite buckets only) and so take ``65536 + their own bucket``. Everything outside
+    the bucket is thereby spread over the (otherwise unused) bins of its own bucket instead of piling
+    onto one counter, on which ``bincount`` would serialise. Only elementwise int32 ops, no bool masks.
     """
     n = flat.numel()
-    chunk = buf.numel()
-    bits_buf = buf.view(torch.int32)
-    low, high = _bits_to_float(lower), _bits_to_float(upper)
-    bins = upper - lower + 1
-    counts = torch.zeros(bins, dtype=torch.int64, device=flat.device)
-    for start in range(0, n, chunk):
-        size = min(chunk, n - start)
-        values = buf[:size]
-        torch.abs(flat[start : start + size], out=values)
-        values.clamp_(low, high)
-        bits = bits_buf[:size]
-        bits.sub_(lower)
-        counts += torch.bincount(bits, minlength=bins)
-    return counts
-
-
-def _sample_window(flat: Tensor, k: int) -> tuple[int, int] | None:
-    """A window of bit patterns that holds the k-th largest ``|x|`` with overwhelming probability.
-
-    From a fixed-seed random sample of 65536 entries: the sample order statistics ``6σ + 4`` ranks
-    either side of the expected rank ``k·m/n``. None when the window would reach past the sample or
-    span more than ``_MAX_WINDOW`` patterns (heavy tails, tiny k); the caller then uses the two-pass
-    radix select. The window is only a guess: ``_select_in_window`` verifies it.
-    """
-    n = flat.numel()
-    m = _SAMPLE_SIZE
-    generator = torch.Generator(device=flat.device)
-    generator.manual_seed(_SAMPLE_SEED)
-    index = torch.randint(n, (m,), generator=generator, device=flat.device)
-    sample = flat[index].abs_()
-    q = k / n
-    expected = q * m
-    margin = 6.0 * math.sqrt(m * q * (1.0 - q)) + 4.0
-    top_rank = math.floor(expected - margin)
-    bottom_rank = math.ceil(expected + margin)
-    if top_rank < 1 or bottom_rank > m:
-        return None
-    ordered = sample.sort().values  # ascending; the r-th largest is ordered[m - r]
-    lower = _float_to_bits(float(ordered[m - bottom_rank]))
-    upper = _float_to_bits(float(ordered[m - top_rank])) + 1
-    if upper - lower > _MAX_WINDOW or upper > _INF_BITS:
-        return None
-    return lower, upper
-
-
-def _select_in_window(flat: Tensor, k: int, lower: int, upper: int, buf: Tensor) -> float | None:
-    """The k-th largest ``|x|`` if it lies strictly inside ``(lower, upper)`` (bit patterns), else None."""
-    counts = _window_histogram(flat, lower, upper, buf)
-    if int(counts[-1]) >= k:  # at least k elements at or above ``upper``: the answer is above the window
-        return None
-    offset = _locate_from_top(counts, k)
-    if offset == 0 and lower != 0:  # bin 0 mixes ``lower`` with everything below it
-        return None
-    return _bits_to_float(lower + offset)
-
-
-def _radix_select(flat: Tensor, k: int, buf: Tensor) -> float:
-    """Two-pass radix select: top 16 bits over everything, then the low 16 bits inside one bucket."""
-    hi = _locate_from_top(_top_bits_histogram(flat, buf), k)
-    if hi >= _INF_BUCKET:  # +inf (or NaN) is the answer; its low bits need no second pass
-        return _bits_to_float(hi << 16)
-    # Bucket ``hi`` spans patterns [hi << 16, (hi + 1) << 16). The window histogram's last bin counts
-    # exactly the elements of higher buckets, and the k-th largest is known to lie in bucket ``hi``, so
-    # reaching bin 0 (which also holds everything below) means the answer is ``hi << 16`` itself.
-    counts = _window_histogram(flat, hi << 16, (hi + 1) << 16, buf)
-    return _bits_to_float((hi << 16) + _locate_from_top(counts, k))
+    lower = hi << 16
+    counts = torch.zeros(_LOW_PATTERNS + _HI_BUCKETS, dtype=torch.int64, device=flat.device)
+    for start in range(0, n, bufs.chunk):
+        size = min(bufs.chunk, n - start)
+        for sub in range(0, size, bufs.small):
+            end = min(sub + bufs.small, size)
+            values = bufs.values[: end - sub]
+            index = bufs.index[sub:end]
+            torch.abs(flat[start + sub : start + end], out=values)
+            bits = values.view(torch.int32)
+            torch.bitwise_right_shift(bits, 16, out=index)
+            index.add_(_LOW_PATTERNS)
+            bits.sub_(lower).bitwise_and_(0x7FFFFFFF)
+            torch.minimum(bits, index, out=index)
+        counts += torch.bincount(bufs.index[:size], minlength=_LOW_PATTERNS + _HI_BUCKETS)
+    return counts[:_LOW_PATTERNS]
 
 
 def magnitude_threshold(x: Tensor, k: int) -> float:
@@ -302,18 +259,12 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
     top-k% by magnitude) and of mergekit's / PEFT's magnitude pruning, without their full
     ``argsort``/``topk`` and its int64 index tensor.
 
-    Algorithm: a radix select on the IEEE-754 bit pattern (non-negative float32 values order like their
-    int32 bit patterns), streaming over chunks of 2M elements with one reused buffer and no full-size
-    temporaries:
-
-    1. a fixed-seed random sample of 65536 entries proposes a narrow window of bit patterns around the
-       expected k-th largest; one pass clamps ``|x|`` to the window and ``bincount``s the patterns,
-       which yields the exact answer whenever it lies inside the window (verified from the counts);
-    2. otherwise (a bad sample, heavy tails, tiny k), the two-pass MSD form: a histogram of the top 16
-       bits (32768 buckets) finds the bucket of the k-th largest, a window histogram of that bucket's
-       65536 patterns pins down the exact value.
-
-    Both paths are exact; the sample only decides how fast. Tensors of at most 65536 elements use
+    Algorithm: a two-pass MSD radix select on the IEEE-754 bit pattern (non-negative float32 values
+    order like their int32 bit patterns). Pass 1 ``bincount``s the top 16 bits of ``|x|`` (32768
+    buckets) and finds the bucket holding the k-th largest; pass 2 ``bincount``s the low 16 bits of
+    that bucket's members (see ``_bucket_histogram``), which pins down the exact pattern. Both passes
+    stream 256K-element sub-chunks through a few reused buffers (plain elementwise float/int32 ops; no
+    full-size temporaries, no sort, no int64 index tensor). Tensors of at most 65536 elements use
     ``torch.kthvalue`` directly.
 
     Args:
@@ -339,13 +290,14 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
         flat = flat.float()
     if n <= _SELECT_SMALL:
         return float(flat.abs().kthvalue(n - k + 1).values)
-    buf = torch.empty(min(n, _SELECT_CHUNK), dtype=torch.float32, device=flat.device)
-    window = _sample_window(flat, k)
-    if window is not None:
-        found = _select_in_window(flat, k, *window, buf)
-        if found is not None:
-            return found
-    return _radix_select(flat, k, buf)
+    bufs = _Buffers(n, flat.device)
+    top = _top_bits_histogram(flat, bufs)
+    hi = _locate_from_top(top, k)
+    if hi >= _INF_BUCKET:  # +inf (or NaN) is the answer; its low bits need no second pass
+        return _bits_to_float(hi << 16)
+    above = int(top[hi + 1 :].sum())  # elements in higher buckets
+    low = _locate_from_top(_bucket_histogram(flat, hi, bufs), k - above)
+    return _bits_to_float((hi << 16) | low)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -556,7 +508,9 @@ def elect_sign(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     return total >= 0
 
 
-def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float], sign: Tensor) -> Tensor:
+def disjoint_merge(
+    deltas: Sequence[Tensor], weights: Sequence[float], sign: Tensor, *, normalize: bool = True
+) -> Tensor:
     """TIES "disjoint merge" (arXiv 2306.01708, §3), weight-normalised as mergekit's ``ties``.
 
     With ``δ̃_i = w_i·δ_i`` and ``a_i = [sign(δ̃_i) equals the elected sign]`` (so zeros never agree)::
@@ -590,6 +544,8 @@ def disjoint_merge(deltas: Sequence[Tensor], weights: Sequence[float], sign: Ten
         agree = torch.where(positive, weighted > 0, weighted < 0)
         numerator.add_(weighted.masked_fill_(~agree, 0))
         divisor.add_(agree.to(torch.float32).mul_(w))
+    if not normalize:
+        return numerator
     divisor.masked_fill_(divisor == 0, 1)
     return numerator.div_(divisor)
 
@@ -636,13 +592,14 @@ def ties_merge(
     density: float | Sequence[float] = 1.0,
     lam: float = 1.0,
     trim: bool = True,
+    normalize: bool = True,
 ) -> Tensor:
     """TIES-merging (arXiv 2306.01708): the fused form of the steps above.
 
     Bit-for-bit the composition (up to the sign of zeros)::
 
         trimmed = [trim_by_magnitude(δ_i, density_i) for each i]     # skipped when trim=False
-        lam · disjoint_merge(trimmed, weights, elect_sign(trimmed, weights))
+        lam · disjoint_merge(trimmed, weights, elect_sign(trimmed, weights), normalize=normalize)
 
     which is mergekit's ``ties`` (``normalize: true``) on ``θ_i − θ_base``. With ``trim=False`` and
     deltas already passed through ``random_drop`` it is DARE-TIES (arXiv 2311.03099) with normalisation.
@@ -662,6 +619,8 @@ def ties_merge(
             ``lambda``).
         trim: trim each delta to its density first; False skips trimming (DARE-TIES, or plain
             elect + disjoint merge).
+        normalize: divide by the sum of agreeing weights (mergekit ``normalize``; True for ``ties``,
+            False is mergekit's ``dare_ties`` default, a sum over agreeing deltas).
 
     Returns:
         A new float32 tensor of the deltas' shape (zeros where no delta agrees).
@@ -734,15 +693,18 @@ def ties_merge(
                 num.copy_(tmp)
             else:
                 num.add_(tmp)
+            if not normalize:
+                continue
             tmp.sign_()
             if i == 0:
                 torch.mul(tmp, active[i][1], out=div)
             else:
                 div.add_(tmp, alpha=active[i][1])
         num.mul_(sgn)
-        torch.eq(div, 0, out=tmp)
-        div.add_(tmp)  # a divisor of exactly 0 becomes 1; others are unchanged (x + 0 = x)
-        num.div_(div)
+        if normalize:
+            torch.eq(div, 0, out=tmp)
+            div.add_(tmp)  # a divisor of exactly 0 becomes 1; others are unchanged (x + 0 = x)
+            num.div_(div)
         if scale != 1:
             num.mul_(scale)
     return out
