@@ -69,8 +69,9 @@ def _out_code(in_code: str, dtype: str | None) -> str:
     return {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}[dtype]
 
 
-def plan_merge(base: ModelManifest, adapters: list[AdapterInput], *, dtype: str | None,
-               modules_to_save_from: int | None) -> MergePlan:
+def plan_merge(
+    base: ModelManifest, adapters: list[AdapterInput], *, dtype: str | None, modules_to_save_from: int | None
+) -> MergePlan:
     """Decide, per output tensor, which adapters contribute what."""
     lora: dict[str, list[tuple[int, LoraModule]]] = {}
     bias: dict[str, list[tuple[int, LoraModule]]] = {}
@@ -92,8 +93,11 @@ def plan_merge(base: ModelManifest, adapters: list[AdapterInput], *, dtype: str 
     untied = None
     embed = next((n for n in names if n.endswith(_EMBED_SUFFIXES)), None)
     touched = set(lora) | set(repl)
-    if base.tie_word_embeddings and "lm_head.weight" not in base.tensors and embed and (
-        embed in touched or "lm_head.weight" in touched
+    if (
+        base.tie_word_embeddings
+        and "lm_head.weight" not in base.tensors
+        and embed
+        and (embed in touched or "lm_head.weight" in touched)
     ):
         untied = "lm_head.weight"
         names.append(untied)
@@ -138,7 +142,9 @@ def resolve_params(strategy: MergeStrategy, given: dict[str, Any]) -> dict[str, 
     unknown = sorted(set(given) - set(defs))
     if unknown:
         takes = ", ".join(sorted(defs)) or "no parameters"
-        raise InvalidInputError(f"strategy {strategy.name!r} does not take {', '.join(unknown)}; it takes {takes}")
+        raise InvalidInputError(
+            f"strategy {strategy.name!r} does not take {', '.join(unknown)}; it takes {takes}"
+        )
     out = {}
     for name, p in defs.items():
         value = given.get(name, p.default)
@@ -156,7 +162,7 @@ def copy_side_files(base_path: Path, dest: Path, *, dtype: str | None, untied: b
 
     for src in list_files(base_path):
         rel = src.relative_to(base_path)
-        if rel.name.startswith(WEIGHT_FILE_PREFIXES) or rel.name == "config.json" and len(rel.parts) == 1:
+        if rel.name.startswith(WEIGHT_FILE_PREFIXES) or (rel.name == "config.json" and len(rel.parts) == 1):
             continue
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest / rel)
@@ -183,8 +189,8 @@ def execute(
     dest: Path,
     max_shard_size: int,
     progress: Callable[[int], None],
-) -> None:
-    """Stream every output tensor into ``dest`` (sharded safetensors)."""
+) -> dict[str, str]:
+    """Stream every output tensor into ``dest`` (sharded safetensors); return each file's sha256."""
     import contextlib
 
     from safetensors import safe_open
@@ -199,8 +205,9 @@ def execute(
     def kernel_for(device: str, dtype: torch.dtype) -> Callable[[TensorMergeOp], torch.Tensor]:
         key = (device, str(dtype).removeprefix("torch."))
         if key not in kernels:
-            claimed = get_host().pm.hook.get_kernel(op="merge_tensor", device=key[0], dtype=key[1],
-                                                    params=kernel_params)
+            claimed = get_host().pm.hook.get_kernel(
+                op="merge_tensor", device=key[0], dtype=key[1], params=kernel_params
+            )
             kernels[key] = claimed or reference
         return kernels[key]
 
@@ -208,8 +215,10 @@ def execute(
     weights = open_weights(base_path)
     with contextlib.ExitStack() as stack:
         base = stack.enter_context(weights.reader())
-        files = [stack.enter_context(safe_open(str(a.path / a.manifest.weights_file), framework="pt"))
-                 for a in adapters]
+        files = [
+            stack.enter_context(safe_open(str(a.path / a.manifest.weights_file), framework="pt"))
+            for a in adapters
+        ]
         writer = stack.enter_context(
             StreamingShardWriter(dest, specs, max_shard_size=max_shard_size, check_space=False)
         )
@@ -219,7 +228,9 @@ def execute(
                 i, key = t.replacement
                 value = files[i].get_tensor(key).to(out_dtype)
             elif t.lora or t.bias:
-                op = _tensor_op(t, base.get(t.source), files, adapters, strategy.name, params, seed, out_dtype)
+                op = _tensor_op(
+                    t, base.get(t.source), files, adapters, strategy.name, params, seed, out_dtype
+                )
                 value = kernel_for(str(op.base.device), out_dtype)(op)
                 if not torch.isfinite(value).all():
                     raise InvalidInputError(
@@ -232,15 +243,35 @@ def execute(
             writer.write(t.name, value)
             progress(value.numel() * value.element_size())
             del value
+    hashes = dict(writer.sha256)
+    if writer.index_path is not None:
+        from adaptr.store import sha256_file
+
+        hashes[writer.index_path.name] = sha256_file(writer.index_path)
+    return hashes
 
 
-def _tensor_op(t: OutputTensor, base_t: torch.Tensor, files: list[Any], adapters: list[AdapterInput],
-               strategy: str, params: dict[str, Any], seed: int, out_dtype: torch.dtype) -> TensorMergeOp:
+def _tensor_op(
+    t: OutputTensor,
+    base_t: torch.Tensor,
+    files: list[Any],
+    adapters: list[AdapterInput],
+    strategy: str,
+    params: dict[str, Any],
+    seed: int,
+    out_dtype: torch.dtype,
+) -> TensorMergeOp:
     contributions: list[LoraFactors | DenseDelta] = []
     idx: list[int] = []
     for i, m in t.lora:
-        contributions.append(LoraFactors(files[i].get_tensor(m.a_key), files[i].get_tensor(m.b_key), m.scaling,
-                                         transpose=m.fan_in_fan_out or m.kind == "embedding"))
+        contributions.append(
+            LoraFactors(
+                files[i].get_tensor(m.a_key),
+                files[i].get_tensor(m.b_key),
+                m.scaling,
+                transpose=m.fan_in_fan_out or m.kind == "embedding",
+            )
+        )
         idx.append(i)
     for i, m in t.bias:
         contributions.append(DenseDelta(files[i].get_tensor(m.bias_key).float() * m.scaling))

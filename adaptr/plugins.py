@@ -113,8 +113,12 @@ class PluginHost:
                 dist = ep.dist.name if ep.dist else "?"
                 raise PluginError(f"plugin {ep.name!r} ({dist}) failed to load: {e}") from e
             dist = ep.dist
-            self.add(plugin, ep.name, distribution=dist.name if dist else None,
-                     version=dist.version if dist else None)
+            self.add(
+                plugin,
+                ep.name,
+                distribution=dist.name if dist else None,
+                version=dist.version if dist else None,
+            )
         try:
             self.pm.check_pending()
         except pluggy.PluginValidationError as e:  # a misspelled hook would otherwise never run
@@ -126,8 +130,9 @@ class PluginHost:
             self.pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
             self.pm.enable_tracing()
 
-    def add(self, plugin: Any, name: str, *, distribution: str | None = None,
-            version: str | None = None) -> None:
+    def add(
+        self, plugin: Any, name: str, *, distribution: str | None = None, version: str | None = None
+    ) -> None:
         """Register a plugin object directly (used by tests and embedding applications)."""
         if self.pm.is_blocked(name):
             return

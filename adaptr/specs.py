@@ -11,9 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from adaptr.errors import InvalidInputError
 
 DTYPE_ALIASES = {
-    "bf16": "bfloat16", "bfloat16": "bfloat16",
-    "fp16": "float16", "float16": "float16", "half": "float16",
-    "fp32": "float32", "float32": "float32", "float": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float32": "float32",
+    "float": "float32",
 }
 
 
@@ -26,10 +31,14 @@ class MergeSpec(BaseModel):
     adapters: list[str] = Field(..., min_length=1, description="Adapters to merge (NAME[@N]).")
     strategy: str | None = Field(None, description="Merge strategy; default: simple for one adapter.")
     weights: list[float] | None = Field(None, description="One weight per adapter (default 1.0 each).")
-    density: float | None = Field(None, description="Fraction of each delta kept (ties, dare_*, magnitude_prune).")
+    density: float | None = Field(
+        None, description="Fraction of each delta kept (ties, dare_*, magnitude_prune)."
+    )
     lambda_: float | None = Field(None, alias="lambda", description="Scale applied to the merged delta.")
     normalize: bool | None = Field(None, description="Divide by the sum of weights (linear, dare_linear).")
-    rescale: Literal["density", "l1", "none"] | None = Field(None, description="DARE rescale of kept entries.")
+    rescale: Literal["density", "l1", "none"] | None = Field(
+        None, description="DARE rescale of kept entries."
+    )
     params: dict[str, Any] = Field(default_factory=dict, description="Extra parameters of plugin strategies.")
     seed: int = Field(0, ge=0, lt=2**63, description="Seed for random steps (DARE).")
     dtype: str | None = Field(None, description="Output dtype: bf16, fp16 or fp32 (default: the base's).")
@@ -65,8 +74,12 @@ class MergeSpec(BaseModel):
 
     def strategy_args(self) -> dict[str, Any]:
         """The parameters a strategy may declare, as given (None = not given)."""
-        given = {"density": self.density, "lambda": self.lambda_, "normalize": self.normalize,
-                 "rescale": self.rescale}
+        given = {
+            "density": self.density,
+            "lambda": self.lambda_,
+            "normalize": self.normalize,
+            "rescale": self.rescale,
+        }
         return {**{k: v for k, v in given.items() if v is not None}, **self.params}
 
 

@@ -57,8 +57,9 @@ def list_files(folder: Path) -> list[Path]:
     return [p for p in out if p.is_file()]
 
 
-def hash_folder(folder: Path, progress: Callable[[int], None] | None = None,
-                files: list[Path] | None = None) -> list[FileEntry]:
+def hash_folder(
+    folder: Path, progress: Callable[[int], None] | None = None, files: list[Path] | None = None
+) -> list[FileEntry]:
     paths = files if files is not None else list_files(folder)
     return [
         FileEntry(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p, progress)) for p in paths
@@ -98,9 +99,18 @@ class Store:
     def object_path(self, sha: str) -> Path:
         return self.objects / sha[:2] / sha
 
-    def commit(self, staged: Path, name: str, version: int,
-               progress: Callable[[int], None] | None = None) -> tuple[Path, list[FileEntry]]:
-        """Hash staged files into objects and materialise the artifact folder; return both."""
+    def commit(
+        self,
+        staged: Path,
+        name: str,
+        version: int,
+        progress: Callable[[int], None] | None = None,
+        known_hashes: dict[str, str] | None = None,
+    ) -> tuple[Path, list[FileEntry]]:
+        """Hash staged files into objects and materialise the artifact folder; return both.
+
+        ``known_hashes`` (relpath -> sha256) spares re-reading files whose writer hashed them.
+        """
         final = self.artifact_dir(name, version)
         if final.exists():  # left by a crash before its catalog row was committed
             shutil.rmtree(final)
@@ -111,8 +121,10 @@ class Store:
         try:
             for src in list_files(staged):
                 rel = src.relative_to(staged).as_posix()
-                _fsync_file(src)
-                sha = sha256_file(src, progress)
+                known = (known_hashes or {}).get(rel)
+                if known is None:
+                    _fsync_file(src)
+                sha = known or sha256_file(src, progress)
                 obj = self.object_path(sha)
                 if not obj.exists():
                     obj.parent.mkdir(parents=True, exist_ok=True)

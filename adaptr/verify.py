@@ -15,15 +15,21 @@ PROBE_SEED = 1234
 PROBE_SHAPE = (2, 16)
 
 
-def logit_check(base_path: Path, adapters: list[Any], merged_path: Path, *, tolerance: float) -> dict[str, Any]:
+def logit_check(
+    base_path: Path, adapters: list[Any], merged_path: Path, *, tolerance: float
+) -> dict[str, Any]:
     if len(adapters) != 1:
-        raise InvalidInputError("--verify compares against one unmerged adapter; merge a single adapter to use it")
+        raise InvalidInputError(
+            "--verify compares against one unmerged adapter; merge a single adapter to use it"
+        )
     try:
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
     except ImportError:
-        raise InvalidInputError("--verify needs transformers and peft: pip install 'adaptr[verify]'") from None
+        raise InvalidInputError(
+            "--verify needs transformers and peft: pip install 'adaptr[verify]'"
+        ) from None
 
     import logging
     import warnings

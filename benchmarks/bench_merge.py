@@ -31,10 +31,22 @@ BIN = Path(PY).parent
 
 SHAPES = {
     # TinyLlama-1.1B: 1.10B parameters, vocabulary 32k.
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4, vocab_size=32000),
-    "small": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=12,
-                  num_key_value_heads=4, vocab_size=32000),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
+    "small": dict(
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        vocab_size=32000,
+    ),
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,8 +68,9 @@ def run(label: str, cmd: list[str], env: dict[str, str] | None = None) -> dict:
     """Run a command, sampling its (and its children's) RSS and RssAnon every 20 ms."""
     print(f"==> {label}: {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     peak = {"VmRSS": 0, "RssAnon": 0}
     stop = threading.Event()
 
@@ -65,7 +78,7 @@ def run(label: str, cmd: list[str], env: dict[str, str] | None = None) -> dict:
         while not stop.is_set():
             pids = [proc.pid]
             try:
-                pids += [int(p) for p in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+                pids += [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
             except OSError:
                 pass
             total = {"VmRSS": 0, "RssAnon": 0}
@@ -85,8 +98,10 @@ def run(label: str, cmd: list[str], env: dict[str, str] | None = None) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed ({proc.returncode}):\n{err[-3000:]}")
     res = {"label": label, "wall_s": wall, "peak_rss": peak["VmRSS"], "peak_anon": peak["RssAnon"]}
-    print(f"    {wall:.1f} s, peak RSS {peak['VmRSS'] / 1e9:.2f} GB, peak anon {peak['RssAnon'] / 1e9:.2f} GB",
-          flush=True)
+    print(
+        f"    {wall:.1f} s, peak RSS {peak['VmRSS'] / 1e9:.2f} GB, peak anon {peak['RssAnon'] / 1e9:.2f} GB",
+        flush=True,
+    )
     return res
 
 
@@ -114,8 +129,13 @@ PEFT_MERGE = textwrap.dedent("""
 
 
 def mergekit_config(base: Path, models: list[str], density: float) -> str:
-    lines = ["merge_method: ties", f"base_model: {base}", "dtype: bfloat16",
-             "parameters: {normalize: true, lambda: 1.0}", "models:"]
+    lines = [
+        "merge_method: ties",
+        f"base_model: {base}",
+        "dtype: bfloat16",
+        "parameters: {normalize: true, lambda: 1.0}",
+        "models:",
+    ]
     for m in models:
         lines += [f"  - model: {m}", f"    parameters: {{weight: 1.0, density: {density}}}"]
     return "\n".join(lines) + "\n"
@@ -141,11 +161,11 @@ def machine() -> dict:
     import torch
 
     cpu = "?"
-    for line in open("/proc/cpuinfo"):
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
             cpu = line.split(":", 1)[1].strip()
             break
-    mem = int(open("/proc/meminfo").readline().split()[1]) * 1024
+    mem = int(Path("/proc/meminfo").read_text().split()[1]) * 1024
     versions = {}
     for dist in ("peft", "mergekit", "transformers", "safetensors"):
         try:
@@ -154,8 +174,15 @@ def machine() -> dict:
             versions[dist] = version(dist)
         except Exception:
             versions[dist] = "?"
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**30, 1), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), **versions}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gb": round(mem / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        **versions,
+    }
 
 
 def main() -> None:
@@ -173,10 +200,15 @@ def main() -> None:
     shutil.rmtree(home, ignore_errors=True)
     env = {"ADAPTR_HOME": str(home), "ADAPTR_DATABASE_URL": f"sqlite:///{home / 'catalog.db'}"}
     adaptr = [str(BIN / "adaptr")]
-    subprocess.run(adaptr + ["base", "add", str(base), "--name", "base"], check=True, env={**os.environ, **env})
+    subprocess.run(
+        adaptr + ["base", "add", str(base), "--name", "base"], check=True, env={**os.environ, **env}
+    )
     for i, a in enumerate(adapters):
-        subprocess.run(adaptr + ["adapter", "add", str(a), "--base", "base", "--name", f"a{i}"], check=True,
-                       env={**os.environ, **env})
+        subprocess.run(
+            adaptr + ["adapter", "add", str(a), "--base", "base", "--name", f"a{i}"],
+            check=True,
+            env={**os.environ, **env},
+        )
     # Warm the page cache so every contender reads the base from memory.
     for f in sorted(base.glob("*.safetensors")):
         with open(f, "rb") as fh:
@@ -186,26 +218,59 @@ def main() -> None:
     shutil.rmtree(outs, ignore_errors=True)
     outs.mkdir()
     results = {}
-    results["floor"] = run("I/O floor (read + write shards)", [PY, "-c", IO_FLOOR, str(base), str(outs / "floor")])
-    results["adaptr_simple"] = run("adaptr merge --strategy simple",
-                                   adaptr + ["merge", "-a", "a0", "--strategy", "simple", "--name", "simple"], env)
-    results["peft"] = run("PEFT merge_and_unload + save_pretrained",
-                          [PY, "-c", PEFT_MERGE, str(base), str(adapters[0]), str(outs / "peft")])
+    results["floor"] = run(
+        "I/O floor (read + write shards)", [PY, "-c", IO_FLOOR, str(base), str(outs / "floor")]
+    )
+    results["adaptr_simple"] = run(
+        "adaptr merge --strategy simple",
+        adaptr + ["merge", "-a", "a0", "--strategy", "simple", "--name", "simple"],
+        env,
+    )
+    results["peft"] = run(
+        "PEFT merge_and_unload + save_pretrained",
+        [PY, "-c", PEFT_MERGE, str(base), str(adapters[0]), str(outs / "peft")],
+    )
     results["adaptr_ties"] = run(
         "adaptr merge --strategy ties (3 adapters)",
-        adaptr + ["merge", "-a", "a0", "-a", "a1", "-a", "a2", "--strategy", "ties", "--density",
-                  str(args.density), "--name", "ties"], env)
+        adaptr
+        + [
+            "merge",
+            "-a",
+            "a0",
+            "-a",
+            "a1",
+            "-a",
+            "a2",
+            "--strategy",
+            "ties",
+            "--density",
+            str(args.density),
+            "--name",
+            "ties",
+        ],
+        env,
+    )
     cache = outs / "lora-cache"
     cfg = outs / "mergekit-lora.yml"
     cfg.write_text(mergekit_config(base, [f"{base}+{a}" for a in adapters], args.density))
-    results["mergekit_lora"] = run("mergekit ties (base+lora inputs)",
-                                   [str(BIN / "mergekit-yaml"), str(cfg), str(outs / "mk-lora"),
-                                    "--lora-merge-cache", str(cache), "--lazy-unpickle"])
+    results["mergekit_lora"] = run(
+        "mergekit ties (base+lora inputs)",
+        [
+            str(BIN / "mergekit-yaml"),
+            str(cfg),
+            str(outs / "mk-lora"),
+            "--lora-merge-cache",
+            str(cache),
+            "--lazy-unpickle",
+        ],
+    )
     premerged = sorted(p for p in cache.iterdir() if p.is_dir())
     cfg2 = outs / "mergekit-full.yml"
     cfg2.write_text(mergekit_config(base, [str(p) for p in premerged], args.density))
-    results["mergekit_full"] = run("mergekit ties (pre-merged full models)",
-                                   [str(BIN / "mergekit-yaml"), str(cfg2), str(outs / "mk-full"), "--lazy-unpickle"])
+    results["mergekit_full"] = run(
+        "mergekit ties (pre-merged full models)",
+        [str(BIN / "mergekit-yaml"), str(cfg2), str(outs / "mk-full"), "--lazy-unpickle"],
+    )
     info = machine()
     from adaptr.io.safetensors_io import open_weights
 
@@ -218,8 +283,10 @@ def main() -> None:
 def write_report(path: Path, r: dict, info: dict, params: dict, shape: str, density: float) -> None:
     def row(key: str) -> str:
         x = r[key]
-        return (f"| {x['label']} | {x['wall_s']:.1f} | {x['wall_s'] / r['floor']['wall_s']:.2f}× | "
-                f"{x['peak_rss'] / 1e9:.2f} | {x['peak_anon'] / 1e9:.2f} |")
+        return (
+            f"| {x['label']} | {x['wall_s']:.1f} | {x['wall_s'] / r['floor']['wall_s']:.2f}× | "
+            f"{x['peak_rss'] / 1e9:.2f} | {x['peak_anon'] / 1e9:.2f} |"
+        )
 
     simple_vs_peft = r["peft"]["wall_s"] / r["adaptr_simple"]["wall_s"]
     ties_vs_mk = r["mergekit_lora"]["wall_s"] / r["adaptr_ties"]["wall_s"]
@@ -236,7 +303,10 @@ def write_report(path: Path, r: dict, info: dict, params: dict, shape: str, dens
         "",
         "| run | wall (s) | × I/O floor | peak RSS (GB) | peak anon (GB) |",
         "|---|---|---|---|---|",
-        *(row(k) for k in ("floor", "adaptr_simple", "peft", "adaptr_ties", "mergekit_lora", "mergekit_full")),
+        *(
+            row(k)
+            for k in ("floor", "adaptr_simple", "peft", "adaptr_ties", "mergekit_lora", "mergekit_full")
+        ),
         "",
         "Ratios (higher is better for adaptr):",
         "",

@@ -29,7 +29,7 @@ def migrations_dir() -> Path:
     return packaged if packaged.is_dir() else here.parent / "migrations"
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # noqa: ANN001
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA foreign_keys=ON")
@@ -53,7 +53,7 @@ def get_engine(url: str | None = None) -> Engine:
     return _engine(url or get_settings().database_url)
 
 
-def alembic_config(url: str):  # noqa: ANN201 - alembic imported lazily
+def alembic_config(url: str):
     from alembic.config import Config
 
     cfg = Config()

@@ -36,7 +36,9 @@ class Artifact(SQLModel, table=True):
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
     manifest: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     flags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
 
 
 class ArtifactFile(SQLModel, table=True):
@@ -74,4 +76,6 @@ class LineageEdge(SQLModel, table=True):
     plugin: str | None = Field(default=None, max_length=200)
     plugin_version: str | None = Field(default=None, max_length=64)
     seed: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
-    created_at: datetime = Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False))
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )

@@ -52,7 +52,7 @@ def _tree(graph: dict[str, Any]) -> None:
     for e in edges:
         by_child.setdefault(e["child"], []).append(e)
     children: dict[str, list[dict]] = {}
-    for child, es in by_child.items():
+    for es in by_child.values():
         children.setdefault(es[0]["parent"], []).append({**es[0], "others": [x["parent"] for x in es[1:]]})
     has_parent = set(by_child)
 
@@ -98,8 +98,9 @@ def rm(
     if force:
         kids = cat.descendants(ref)
         if kids and not yes:
-            typer.confirm(f"Also remove {len(kids)} derived artifact(s): {', '.join(kids)}?", abort=True,
-                          err=True)
+            typer.confirm(
+                f"Also remove {len(kids)} derived artifact(s): {', '.join(kids)}?", abort=True, err=True
+            )
     removed = cat.rm(ref, force=force)
     emit_json({"removed": removed}) if json else typer.echo("removed " + ", ".join(removed))
 

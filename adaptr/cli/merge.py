@@ -21,25 +21,37 @@ def _floats(text: str | None) -> list[float] | None:
 
 
 def merge(
-    adapter: list[str] = typer.Option(None, "--adapter", "-a", help="Adapter to merge (NAME[@N]); repeatable."),
+    adapter: list[str] = typer.Option(
+        None, "--adapter", "-a", help="Adapter to merge (NAME[@N]); repeatable."
+    ),
     base: str = typer.Option(None, "--base", help="Base model (default: the adapters' base)."),
-    strategy: str = typer.Option(None, "--strategy", "-s",
-                                 help="simple, linear, task_arithmetic, ties, dare_linear, dare_ties, "
-                                      "magnitude_prune or a plugin's (default: simple for one adapter)."),
+    strategy: str = typer.Option(
+        None,
+        "--strategy",
+        "-s",
+        help="simple, linear, task_arithmetic, ties, dare_linear, dare_ties, "
+        "magnitude_prune or a plugin's (default: simple for one adapter).",
+    ),
     weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per --adapter."),
-    density: float = typer.Option(None, "--density", help="Fraction kept (ties, dare_*, magnitude_prune; "
-                                                          "default 0.2)."),
+    density: float = typer.Option(
+        None, "--density", help="Fraction kept (ties, dare_*, magnitude_prune; default 0.2)."
+    ),
     lambda_: float = typer.Option(None, "--lambda", help="Scale of the merged delta (default 1.0)."),
     normalize: bool = typer.Option(None, "--normalize/--no-normalize", help="Divide by the sum of weights."),
     rescale: str = typer.Option(None, "--rescale", help="DARE rescale: density (default), l1 or none."),
     seed: int = typer.Option(None, "--seed", help="Seed for random steps (default 0)."),
-    dtype: str = typer.Option(None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: the base's)."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: the base's)."
+    ),
     max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest output shard (default 5GB)."),
-    modules_to_save_from: str = typer.Option(None, "--modules-to-save-from",
-                                             help="Adapter whose modules_to_save tensors are used."),
+    modules_to_save_from: str = typer.Option(
+        None, "--modules-to-save-from", help="Adapter whose modules_to_save tensors are used."
+    ),
     name: str = typer.Option(None, "--name", help="Catalog name of the merged model."),
     new_version: bool = typer.Option(None, "--new-version", help="Add a new version when NAME exists."),
-    verify: bool = typer.Option(None, "--verify", help="Compare logits with base + adapter (needs transformers)."),
+    verify: bool = typer.Option(
+        None, "--verify", help="Compare logits with base + adapter (needs transformers)."
+    ),
     config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
     json: bool = JSON_OPTION,
 ) -> None:
@@ -73,8 +85,10 @@ def merge(
     else:
         meta = art["metadata"]
         extra = f", max |Δlogit| {meta['verify']['max_abs_logit_diff']:.3g}" if "verify" in meta else ""
-        typer.echo(f"merged {', '.join(meta['adapters'])} into {art['base']} with {meta['strategy']} → "
-                   f"{art['ref']} ({art['content_hash'][:12]}){extra}")
+        typer.echo(
+            f"merged {', '.join(meta['adapters'])} into {art['base']} with {meta['strategy']} → "
+            f"{art['ref']} ({art['content_hash'][:12]}){extra}"
+        )
         typer.echo(art["path"])
 
 

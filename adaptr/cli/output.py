@@ -16,7 +16,7 @@ def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
-def stdout():  # noqa: ANN201 - rich imported lazily
+def stdout():
     from rich.console import Console
 
     console = Console(soft_wrap=True)
@@ -25,7 +25,7 @@ def stdout():  # noqa: ANN201 - rich imported lazily
     return console
 
 
-def stderr():  # noqa: ANN201
+def stderr():
     from rich.console import Console
 
     return Console(stderr=True)
@@ -62,14 +62,19 @@ class RichProgress:
             TransferSpeedColumn,
         )
 
-        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   TimeRemainingColumn()]
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+        ]
         with Progress(*columns, console=self.console, transient=True) as p:
             tid = p.add_task(description, total=total)
             yield lambda n: p.advance(tid, n)
 
 
-def catalog():  # noqa: ANN201 - the CLI's Catalog, with progress bars
+def catalog():
     from adaptr.services.catalog import Catalog
 
     return Catalog(progress=RichProgress())
@@ -83,9 +88,16 @@ def artifact_table(rows: list[dict[str, Any]]) -> None:
         t.add_column(c)
     for r in rows:
         rank = r["metadata"].get("ranks") or ([r["metadata"]["r"]] if "r" in r["metadata"] else [])
-        t.add_row(r["ref"], r["kind"], r["base"] or "-", ",".join(map(str, rank)) or "-",
-                  human_size(r["size_bytes"]), r["content_hash"][:12], ",".join(r["tags"]) or "-",
-                  ",".join(r["flags"]) or "-")
+        t.add_row(
+            r["ref"],
+            r["kind"],
+            r["base"] or "-",
+            ",".join(map(str, rank)) or "-",
+            human_size(r["size_bytes"]),
+            r["content_hash"][:12],
+            ",".join(r["tags"]) or "-",
+            ",".join(r["flags"]) or "-",
+        )
     stdout().print(t)
 
 

@@ -9,6 +9,7 @@ torch is imported only inside functions: importing this module stays cheap for t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -32,6 +33,7 @@ MAX_HEADER_SIZE = 100_000_000  # safetensors MAX_HEADER_SIZE: anything larger is
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub MAX_SHARD_SIZE; keeps shards friendly to hub uploads
 METADATA_KEY = "__metadata__"
 _FIX = "re-download or re-export it"
+_IN_FLIGHT = 256 * 1024 * 1024  # bytes handed to the I/O thread but not yet written
 _WRITE_CHUNK = 64 * 1024 * 1024  # progress granularity for big tensors; also bounds a single write() call
 _FINITE_CHUNK = 64 * 1024 * 1024  # elements per isfinite() pass: bounds the temporary bool mask
 
@@ -544,6 +546,17 @@ def _header_bytes(entries: Sequence[_Planned], metadata: Mapping[str, str] | Non
 _WEIGHT_FILE_RE = r"{p}\.safetensors|{p}\.safetensors\.index\.json|{p}-\d{{5}}-of-\d{{5}}\.safetensors"
 
 
+def _write_chunk(f: IO[bytes], h: Any, chunk: memoryview) -> None:
+    f.write(chunk)
+    h.update(chunk)
+
+
+def _close_synced(f: IO[bytes]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
 class StreamingShardWriter:
     """Write a (sharded) safetensors checkpoint one tensor at a time.
 
@@ -609,6 +622,12 @@ class StreamingShardWriter:
 
         self._next = 0
         self._left = [len(entries) for entries in self._shard_entries]
+        # Writing and hashing run on one background thread, in submission order, so the caller
+        # computes the next tensor while the previous one reaches the disk.
+        self._pool: Any = None
+        self._pending: list[tuple[Any, int]] = []
+        self._hashers: dict[int, Any] = {}
+        self.sha256: dict[str, str] = {}  # final file name -> sha256, filled on success
         self._open: dict[int, IO[bytes]] = {}
         self._temps: dict[int, Path] = {}
         self._done = False
@@ -676,9 +695,10 @@ class StreamingShardWriter:
                 t = t.to("cpu")
             t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)
             view = memoryview(t.view(torch.uint8).numpy())
+            h = self._hashers[entry.shard]
             for i in range(0, entry.nbytes, _WRITE_CHUNK):
                 chunk = view[i : i + _WRITE_CHUNK]
-                f.write(chunk)
+                self._submit(_write_chunk, f, h, chunk, size=len(chunk))
                 if self._progress is not None:
                     self._progress(len(chunk))
         self._next += 1
@@ -699,14 +719,37 @@ class StreamingShardWriter:
             os.fchmod(fd, 0o644)
             self._open[shard] = f
             f.write(self._headers[shard])
+            self._hashers[shard] = hashlib.sha256(self._headers[shard])
         return f
+
+    def _submit(self, fn: Callable[..., None], *args: Any, size: int = 0) -> None:
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptr-writer")
+        self._pending.append((self._pool.submit(fn, *args), size))
+        while sum(n for _, n in self._pending) > _IN_FLIGHT:
+            self._pending.pop(0)[0].result()
+        while self._pending and self._pending[0][0].done():
+            self._pending.pop(0)[0].result()
+
+    def _drain(self, *, raise_errors: bool = True) -> None:
+        pending, self._pending = self._pending, []
+        for fut, _ in pending:
+            try:
+                fut.result()
+            except BaseException:
+                if raise_errors:
+                    self._pending = []
+                    raise
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _finish(self, shard: int) -> None:
         f = self._file(shard)  # opens (and writes the header of) a shard with no tensors
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
         del self._open[shard]
+        self._submit(_close_synced, f)
 
     def commit(self) -> None:
         """Rename temp files into place; refuses (and cleans up) if any planned tensor was not written."""
@@ -726,6 +769,7 @@ class StreamingShardWriter:
             for shard in range(len(self.shard_names)):
                 if shard not in self._temps:
                     self._finish(shard)
+            self._drain()
             if self._overwrite:
                 # Drop stale files first: a crash then leaves no weights rather than an old single file
                 # that transformers would load ahead of the new shards.
@@ -748,10 +792,12 @@ class StreamingShardWriter:
             raise
         self.index_path = index_path
         self.files = finals
+        self.sha256 = {self.shard_names[i]: h.hexdigest() for i, h in self._hashers.items()}
         self._done = True
 
     def abort(self) -> None:
         """Close and delete temp files; safe to call more than once."""
+        self._drain(raise_errors=False)
         for f in self._open.values():
             with contextlib.suppress(OSError):
                 f.close()

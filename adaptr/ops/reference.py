@@ -226,10 +226,10 @@ def _top_bits_histogram(flat: Tensor, bufs: _Buffers) -> Tensor:
 def _bucket_histogram(flat: Tensor, hi: int, bufs: _Buffers) -> Tensor:
     """``counts[j]`` = number of elements whose ``|x|`` has the bit pattern ``(hi << 16) + j``.
 
-    Each element goes to bin ``min((bits − (hi << 16)) & 0x7FFFFFFF, 65536 + (bits >> 16))``: members of
-    bucket ``hi`` keep their low 16 bits, larger patterns land at 65536 or beyond, and smaller ones
-    wrap to at least ``2**31 − 0x7F7F0000`` (finite buckets only) and so take ``65536 + their own bucket``. Everything outside
-    the bucket is thereby spread over the (otherwise unused) bins of its own bucket instead of piling
+    Each element goes to bin ``min((bits − (hi << 16)) & 0x7FFFFFFF, 65536 + (bits >> 16))``: members
+    of bucket ``hi`` keep their low 16 bits, larger patterns land at 65536 or beyond, and smaller ones
+    wrap to at least ``2**31 − 0x7F7F0000`` (``hi`` is a finite bucket) and so take ``65536 + their own
+    bucket``. Everything outside the bucket is thereby spread over many junk bins instead of piling
     onto one counter, on which ``bincount`` would serialise. Only elementwise int32 ops, no bool masks.
     """
     n = flat.numel()

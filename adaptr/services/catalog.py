@@ -51,8 +51,13 @@ class Parent:
 class Catalog:
     """Artifacts, their files and lineage, in the database named by the settings."""
 
-    def __init__(self, *, database_url: str | None = None, home: str | Path | None = None,
-                 progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        database_url: str | None = None,
+        home: str | Path | None = None,
+        progress: Progress | None = None,
+    ) -> None:
         settings = get_settings()
         self.database_url = database_url or settings.database_url
         self.store = Store(Path(home).resolve() / "store" if home else settings.store)
@@ -145,8 +150,14 @@ class Catalog:
             art = self.resolve(s, ref)
             return self.to_json(s, art), dict(art.manifest)
 
-    def ls(self, *, kind: str | None = None, base: str | None = None, tag: str | None = None,
-           rank: int | None = None) -> list[dict[str, Any]]:
+    def ls(
+        self,
+        *,
+        kind: str | None = None,
+        base: str | None = None,
+        tag: str | None = None,
+        rank: int | None = None,
+    ) -> list[dict[str, Any]]:
         with self.session() as s:
             q = select(Artifact)
             if kind:
@@ -168,8 +179,11 @@ class Catalog:
         frontier = list(seen)
         edges: list[LineageEdge] = []
         while frontier:
-            src, dst = (LineageEdge.child_id, LineageEdge.parent_id) if up else (
-                LineageEdge.parent_id, LineageEdge.child_id)
+            src, dst = (
+                (LineageEdge.child_id, LineageEdge.parent_id)
+                if up
+                else (LineageEdge.parent_id, LineageEdge.child_id)
+            )
             batch = session.exec(select(LineageEdge).where(col(src).in_(frontier))).all()
             edges.extend(batch)
             frontier = []
@@ -223,6 +237,7 @@ class Catalog:
         flags: Sequence[str] = (),
         tags: Sequence[str] = (),
         operation: str = "add",
+        known_hashes: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         """Put the files in place, then commit the row; nothing is registered half-written."""
         with self.session() as s:
@@ -230,7 +245,7 @@ class Catalog:
             total = _total_size(staged or linked, linked_files)
             with self.progress.task(f"hashing {name}", total) as advance:
                 if staged is not None:
-                    folder, entries = self.store.commit(staged, name, version, advance)
+                    folder, entries = self.store.commit(staged, name, version, advance, known_hashes)
                     storage = "store"
                 else:
                     assert linked is not None
@@ -258,9 +273,17 @@ class Catalog:
                 for t in sorted(set(tags)):
                     s.add(Tag(artifact_id=art.id, tag=t))
                 for p in parents:
-                    s.add(LineageEdge(parent_id=p.artifact.id, child_id=art.id, operation=p.operation,
-                                      params=p.params, plugin=p.plugin, plugin_version=p.plugin_version,
-                                      seed=p.seed))
+                    s.add(
+                        LineageEdge(
+                            parent_id=p.artifact.id,
+                            child_id=art.id,
+                            operation=p.operation,
+                            params=p.params,
+                            plugin=p.plugin,
+                            plugin_version=p.plugin_version,
+                            seed=p.seed,
+                        )
+                    )
                 s.commit()
             except BaseException:
                 s.rollback()
@@ -275,8 +298,13 @@ class Catalog:
         shas = set(shas)
         if not shas:
             return []
-        used = set(session.exec(select(ArtifactFile.sha256).join(Artifact)
-                                .where(col(ArtifactFile.sha256).in_(shas), Artifact.storage == "store")).all())
+        used = set(
+            session.exec(
+                select(ArtifactFile.sha256)
+                .join(Artifact)
+                .where(col(ArtifactFile.sha256).in_(shas), Artifact.storage == "store")
+            ).all()
+        )
         return sorted(shas - used)
 
     # --- import --------------------------------------------------------------------------
@@ -297,8 +325,15 @@ class Catalog:
         names = ", ".join(r.name for r in readers) or "none (all reader plugins are disabled)"
         raise InvalidInputError(f"{path}: no {kind} reader understands this folder; readers: {names}")
 
-    def add_base(self, path: str | Path, *, name: str | None = None, copy: bool = False,
-                 tags: Sequence[str] = (), new_version: bool = False) -> dict[str, Any]:
+    def add_base(
+        self,
+        path: str | Path,
+        *,
+        name: str | None = None,
+        copy: bool = False,
+        tags: Sequence[str] = (),
+        new_version: bool = False,
+    ) -> dict[str, Any]:
         path = Path(path).expanduser().absolute()  # linked files are recorded relative to it
         name = check_name(name or path.resolve().name)
         with self.session() as s:  # fail on a taken name before hashing gigabytes
@@ -319,8 +354,9 @@ class Catalog:
             "num_tensors": len(m.tensors),
             "source": str(path.resolve()),
         }
-        common = dict(name=name, kind="base", new_version=new_version, manifest=m.to_dict(), meta=meta,
-                      tags=tags)
+        common = dict(
+            name=name, kind="base", new_version=new_version, manifest=m.to_dict(), meta=meta, tags=tags
+        )
         if copy:
             staged = self.store.staging()
             try:
@@ -331,17 +367,28 @@ class Catalog:
             return self.record(staged=staged, **common)
         return self.record(linked=path, linked_files=list_files(path), **common)
 
-    def add_adapter(self, path: str | Path, *, base: str | None, name: str | None = None,
-                    tags: Sequence[str] = (), new_version: bool = False) -> dict[str, Any]:
+    def add_adapter(
+        self,
+        path: str | Path,
+        *,
+        base: str | None,
+        name: str | None = None,
+        tags: Sequence[str] = (),
+        new_version: bool = False,
+    ) -> dict[str, Any]:
         path = Path(path).expanduser()
         name = check_name(name or path.resolve().name)
         if not base:
-            raise InvalidInputError("--base is required: name the catalog base model this adapter was trained on")
+            raise InvalidInputError(
+                "--base is required: name the catalog base model this adapter was trained on"
+            )
         with self.session() as s:
             self.next_version(s, name, "adapter", new_version)
             base_art = self.resolve(s, base)
             if base_art.kind != "base":
-                raise InvalidInputError(f"{base!r} is a {base_art.kind}, not a base model; pass a base to --base")
+                raise InvalidInputError(
+                    f"{base!r} is a {base_art.kind}, not a base model; pass a base to --base"
+                )
         from adaptr.compat import check_adapter_fits
 
         reader, m = self._read(path, "adapter")
@@ -376,10 +423,20 @@ class Catalog:
             shutil.rmtree(staged, ignore_errors=True)
             raise
         plugin = get_registry("reader").plugin_of(reader.name)
-        parent = Parent(base_art, "finetune", {"reader": reader.name}, plugin, get_host().plugin_version(plugin))
+        parent = Parent(
+            base_art, "finetune", {"reader": reader.name}, plugin, get_host().plugin_version(plugin)
+        )
         return self.record(
-            name=name, kind="adapter", new_version=new_version, staged=staged, manifest=m.to_dict(), meta=meta,
-            parents=[parent], base_id=base_art.id, rank=m.r if len(ranks) <= 1 else max(ranks), flags=flags,
+            name=name,
+            kind="adapter",
+            new_version=new_version,
+            staged=staged,
+            manifest=m.to_dict(),
+            meta=meta,
+            parents=[parent],
+            base_id=base_art.id,
+            rank=m.r if len(ranks) <= 1 else max(ranks),
+            flags=flags,
             tags=tags,
         )
 
@@ -388,9 +445,14 @@ class Catalog:
     def verify(self, ref: str | None = None) -> list[dict[str, Any]]:
         """Re-hash every file and report drift from what the catalog recorded."""
         with self.session() as s:
-            arts = self._versions(s, ref) if ref else list(s.exec(select(Artifact).order_by(Artifact.name,
-                                                                                            Artifact.version)))
-            rows = {a.id: s.exec(select(ArtifactFile).where(ArtifactFile.artifact_id == a.id)).all() for a in arts}
+            arts = (
+                self._versions(s, ref)
+                if ref
+                else list(s.exec(select(Artifact).order_by(Artifact.name, Artifact.version)))
+            )
+            rows = {
+                a.id: s.exec(select(ArtifactFile).where(ArtifactFile.artifact_id == a.id)).all() for a in arts
+            }
         total = sum(f.size for fs in rows.values() for f in fs)
         reports = []
         with self.progress.task("verifying", total) as advance:
@@ -403,10 +465,12 @@ class Catalog:
                         continue
                     actual = sha256_file(p, advance)
                     if actual != f.sha256:
-                        problems.append({"path": f.relpath, "problem": "modified", "expected": f.sha256,
-                                         "actual": actual})
-                reports.append({"ref": _ref(a), "ok": not problems, "problems": problems,
-                                "files": len(rows[a.id])})
+                        problems.append(
+                            {"path": f.relpath, "problem": "modified", "expected": f.sha256, "actual": actual}
+                        )
+                reports.append(
+                    {"ref": _ref(a), "ok": not problems, "problems": problems, "files": len(rows[a.id])}
+                )
         return reports
 
     def descendants(self, ref: str) -> list[str]:
@@ -434,8 +498,11 @@ class Catalog:
             for model in (Tag, ArtifactFile):
                 for row in s.exec(select(model).where(col(model.artifact_id).in_(ids))):
                     s.delete(row)
-            for e in s.exec(select(LineageEdge).where(
-                    col(LineageEdge.parent_id).in_(ids) | col(LineageEdge.child_id).in_(ids))):
+            for e in s.exec(
+                select(LineageEdge).where(
+                    col(LineageEdge.parent_id).in_(ids) | col(LineageEdge.child_id).in_(ids)
+                )
+            ):
                 s.delete(e)
             s.flush()
             for a in sorted(arts, key=lambda a: -a.id):  # children first: base_id references

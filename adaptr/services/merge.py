@@ -19,7 +19,7 @@ from adaptr.specs import MergeSpec, validate_spec
 # Flags whose adapters cannot be merged into the plain base they were registered on.
 _REFUSED_FLAGS = {
     "vocab_resize": "resizes the vocabulary (modules_to_save with a different number of rows); merge it with "
-                    "a base whose embeddings already have that size",
+    "a base whose embeddings already have that size",
     "layer_replication": "uses layer_replication, which changes the model's layer layout",
     "trainable_tokens": "uses trainable_token_indices, which adaptr cannot merge yet",
 }
@@ -71,7 +71,9 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             if a.kind != "adapter":
                 raise InvalidInputError(f"{ref} is a {a.kind}, not an adapter; pass adapters to --adapter")
         if len({a.id for a in adapter_arts}) != len(adapter_arts):
-            raise InvalidInputError("the same adapter is listed twice; give each adapter once (use --weights)")
+            raise InvalidInputError(
+                "the same adapter is listed twice; give each adapter once (use --weights)"
+            )
         base_ids = {a.base_id for a in adapter_arts}
         if spec.base:
             base_art = catalog.resolve(s, spec.base)
@@ -79,8 +81,9 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             base_art = catalog.resolve(s, _ref_of(s, base_ids.pop()))
         else:
             refs = ", ".join(f"{a.name}@{a.version} -> {_ref_of(s, a.base_id)}" for a in adapter_arts)
-            raise IncompatibleAdapterError(f"the adapters were registered on different bases ({refs}); "
-                                           "merge adapters of one base")
+            raise IncompatibleAdapterError(
+                f"the adapters were registered on different bases ({refs}); merge adapters of one base"
+            )
         for a in adapter_arts:
             if a.base_id != base_art.id and not _same_content(s, a.base_id, base_art):
                 raise IncompatibleAdapterError(
@@ -98,28 +101,45 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
 
     mts_from = None
     if spec.modules_to_save_from is not None:
-        matches = [i for i, ref in enumerate(spec.adapters) if ref.split("@")[0] == spec.modules_to_save_from
-                   or inputs[i].ref == spec.modules_to_save_from]
+        matches = [
+            i
+            for i, ref in enumerate(spec.adapters)
+            if ref.split("@")[0] == spec.modules_to_save_from or inputs[i].ref == spec.modules_to_save_from
+        ]
         if not matches:
-            raise InvalidInputError(f"--modules-to-save-from {spec.modules_to_save_from!r} is not one of the adapters")
+            raise InvalidInputError(
+                f"--modules-to-save-from {spec.modules_to_save_from!r} is not one of the adapters"
+            )
         mts_from = matches[0]
 
     plan = engine.plan_merge(base_manifest, inputs, dtype=spec.dtype, modules_to_save_from=mts_from)
-    ensure_space(catalog.store.root if catalog.store.root.exists() else catalog.store.root.parent,
-                 int(plan.output_bytes * 1.01) + (1 << 20), f"merged model {spec.name}")
+    ensure_space(
+        catalog.store.root if catalog.store.root.exists() else catalog.store.root.parent,
+        int(plan.output_bytes * 1.01) + (1 << 20),
+        f"merged model {spec.name}",
+    )
 
     staged = catalog.store.staging()
     try:
         with catalog.progress.task(f"merging {spec.name}", plan.output_bytes) as advance:
-            engine.execute(plan, base_path=base_path, adapters=inputs, strategy=strategy, params=params,
-                           seed=spec.seed, dest=staged, max_shard_size=max_shard, progress=advance)
+            hashes = engine.execute(
+                plan,
+                base_path=base_path,
+                adapters=inputs,
+                strategy=strategy,
+                params=params,
+                seed=spec.seed,
+                dest=staged,
+                max_shard_size=max_shard,
+                progress=advance,
+            )
         engine.copy_side_files(base_path, staged, dtype=spec.dtype, untied=plan.untied is not None)
         check = None
         if spec.verify:
             from adaptr.verify import logit_check
 
             check = logit_check(base_path, inputs, staged, tolerance=spec.verify_tolerance)
-        reader, manifest = catalog._read(staged, "base")
+        _, manifest = catalog._read(staged, "base")
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
@@ -133,8 +153,10 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         "dtype": spec.dtype or base_dtype,
     }
     parents = [Parent(base_art, "merge", edge_params, plugin, version, spec.seed)]
-    parents += [Parent(a, "merge", {**edge_params, "weight": w}, plugin, version, spec.seed)
-                for a, w in zip(adapter_arts, weights)]
+    parents += [
+        Parent(a, "merge", {**edge_params, "weight": w}, plugin, version, spec.seed)
+        for a, w in zip(adapter_arts, weights)
+    ]
     meta = {
         **{k: v for k, v in manifest.to_dict().items() if k not in ("tensors", "weight_files", "format")},
         "strategy": strategy_name,
@@ -152,9 +174,19 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             flags.append("verify_failed")
     if plan.untied:
         flags.append("untied_embeddings")
-    art = catalog.record(name=spec.name, kind="merged", new_version=spec.new_version, staged=staged,
-                         manifest=manifest.to_dict(), meta=meta, parents=parents, base_id=base_art.id,
-                         flags=flags, operation="merge")
+    art = catalog.record(
+        name=spec.name,
+        kind="merged",
+        new_version=spec.new_version,
+        staged=staged,
+        manifest=manifest.to_dict(),
+        meta=meta,
+        parents=parents,
+        base_id=base_art.id,
+        flags=flags,
+        operation="merge",
+        known_hashes=hashes,
+    )
     if check is not None and not check["ok"]:
         raise VerificationError(
             f"merged model {art['ref']} differs from {base_ref} + adapter by max |Δlogit| "

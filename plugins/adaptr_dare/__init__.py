@@ -7,20 +7,26 @@ from adaptr.interfaces import ParamDef
 
 DENSITY = ParamDef("density", float, 0.2, "Probability that each delta entry is kept (1 - drop rate p).")
 LAMBDA = ParamDef("lambda", float, 1.0, "Scale applied to the merged delta.")
-RESCALE = ParamDef("rescale", str, "density",
-                   "How kept entries are rescaled: density (1/density, the paper), l1 (mergekit), none.")
+RESCALE = ParamDef(
+    "rescale",
+    str,
+    "density",
+    "How kept entries are rescaled: density (1/density, the paper), l1 (mergekit), none.",
+)
 NORMALIZE = ParamDef("normalize", bool, False, "Divide the sum by the sum of the weights.")
 _RESCALES = {"density": "density", "l1": "l1", "none": None}
 
 
-def _drop(deltas, params, generators):  # noqa: ANN001, ANN202
+def _drop(deltas, params, generators):
     from adaptr.errors import InvalidInputError
     from adaptr.ops.reference import random_drop
 
     if params["rescale"] not in _RESCALES:
         raise InvalidInputError(f"rescale must be one of density, l1, none; got {params['rescale']!r}")
     rescale = _RESCALES[params["rescale"]]
-    return [random_drop(d, params["density"], generator=g, rescale=rescale) for d, g in zip(deltas, generators)]
+    return [
+        random_drop(d, params["density"], generator=g, rescale=rescale) for d, g in zip(deltas, generators)
+    ]
 
 
 class DareLinear:
@@ -34,7 +40,7 @@ class DareLinear:
     allows_negative_weights = True
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):  # noqa: ANN001, ANN201
+    def merge(self, deltas, weights, params, *, generators):
         from adaptr.ops.reference import weighted_sum
 
         out = weighted_sum(_drop(deltas, params, generators), weights, normalize=bool(params["normalize"]))
@@ -52,13 +58,13 @@ class DareTies:
     allows_negative_weights = False
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):  # noqa: ANN001, ANN201
+    def merge(self, deltas, weights, params, *, generators):
         from adaptr.ops.reference import ties_merge
 
         return ties_merge(_drop(deltas, params, generators), weights, lam=params["lambda"], trim=False)
 
 
 @hookimpl
-def register_merge_strategies(register) -> None:  # noqa: ANN001
+def register_merge_strategies(register) -> None:
     register(DareLinear())
     register(DareTies())

@@ -12,6 +12,6 @@ from .peft_lora import PeftLoraReader
 
 
 @hookimpl
-def register_readers(register) -> None:  # noqa: ANN001
+def register_readers(register) -> None:
     register(HFModelReader())
     register(PeftLoraReader())

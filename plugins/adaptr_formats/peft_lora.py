@@ -117,7 +117,7 @@ class PeftLoraReader:
         replacements: dict[str, str] = {}
         base_layers: dict[str, str] = {}
         for key in tensors:
-            rel = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            rel = key[len(PREFIX) :] if key.startswith(PREFIX) else key
             m = _LORA_KEY.match(rel)
             if m:
                 part = m["part"] + (".bias" if m["leaf"] == "bias" else "")

@@ -24,6 +24,15 @@ from adaptr.ops.reference import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded: timings stay stable on a shared 2-core box (results do not depend on it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def T(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
@@ -165,8 +174,9 @@ M3 = T([[-1, -1, 5], [1, 0, 1], [0, -3, 2]])
 W3 = [1.0, 1.0, 2.0]
 # weighted sums: [[1, -3, 10], [2, 0, 0], [0, 0, 1]] → all + except [0][1]
 M_SIGN = torch.tensor([[1, 0, 1], [1, 1, 1], [1, 1, 1]], dtype=torch.bool)
-# [0][0]: (1+2)/2; [0][1]: (-2-2)/(1+2); [0][2]: 10/2; [1][0]: (3+2)/(1+2); [1][1]: no agreeing entry, divisor 1;
-# [1][2]: 2/2 (sum is exactly 0, elects +); [2][0]: 2/1; [2][1]: (2+4)/2; [2][2]: (1+4)/(1+2)
+# [0][0]: (1+2)/2; [0][1]: (-2-2)/(1+2); [0][2]: 10/2; [1][0]: (3+2)/(1+2);
+# [1][1]: no agreeing entry, divisor 1; [1][2]: 2/2 (sum is exactly 0, elects +);
+# [2][0]: 2/1; [2][1]: (2+4)/2; [2][2]: (1+4)/(1+2)
 M_MERGED = T([[1.5, -4 / 3, 5], [5 / 3, 0, 1], [2, 3, 5 / 3]])
 # the same without normalisation: sums over agreeing weighted entries
 M_SUMMED = T([[3, -4, 10], [5, 0, 2], [2, 6, 5]])
@@ -254,18 +264,18 @@ def _kth_largest_abs(x: torch.Tensor, k: int) -> float:
 
 @pytest.mark.parametrize(
     "n",
-    [1, 7, R._SELECT_SMALL, R._SELECT_SMALL + 1, R._SELECT_SUBCHUNK + 3, R._SELECT_CHUNK, R._SELECT_CHUNK + 5],
+    [1, 7, R._SELECT_SMALL, R._SELECT_SMALL + 1, R._SELECT_SUBCHUNK + 3, R._SELECT_CHUNK + 5],
 )
 def test_magnitude_threshold_matches_kthvalue(n: int) -> None:
     x = randn(n, seed=n)
-    ks = {1, n, max(1, n // 2), max(1, int(0.2 * n)), max(1, int(0.9 * n)), max(1, n - 3), min(n, 17)}
+    ks = {1, n, max(1, n // 2), max(1, int(0.2 * n)), max(1, int(0.9 * n)), min(n, 17)}
     for k in sorted(ks):
         assert magnitude_threshold(x, k) == _kth_largest_abs(x, k), (n, k)
 
 
 def test_magnitude_threshold_duplicates_zeros_denormals() -> None:
     g = torch.Generator().manual_seed(3)
-    n = 3 * R._SELECT_SUBCHUNK + 11
+    n = 2 * R._SELECT_SUBCHUNK + 11
     # heavy duplicates: 50 distinct magnitudes with random signs
     dup = torch.randint(0, 50, (n,), generator=g).float().div_(8) * (torch.rand(n, generator=g) - 0.5).sign()
     # zeros (both signs) and denormals mixed into normal values
@@ -274,31 +284,28 @@ def test_magnitude_threshold_duplicates_zeros_denormals() -> None:
     mixed[1::13] = -0.0
     mixed[2::11] = 1e-40
     mixed[3::17] = -3e-42
-    # heavy tails: the sample window is too wide and the two-pass radix path runs
+    # heavy tails: values over many binades
     tails = randn(n, seed=5).pow(9)
     # constant tensor: a one-pattern window
     const = torch.full((n,), -0.75)
     for x in (dup, mixed, tails, const):
-        for k in (1, 2, n // 3, n // 2, int(0.8 * n), int(0.97 * n), n):
+        for k in (1, 2, n // 3, int(0.8 * n), n):
             assert magnitude_threshold(x, k) == _kth_largest_abs(x, k)
 
 
-def test_magnitude_threshold_both_paths_agree() -> None:
-    x = randn(2 * R._SELECT_CHUNK + 333, seed=6)
-    n = x.numel()
-    bufs = R._Buffers(n, x.device)
-    for k in (1, 1000, n // 5, n // 2, n - 1, n):
-        expected = _kth_largest_abs(x, k)
-        assert R._radix_select(x, k, bufs) == expected
-        window = R._sample_window(x, k)
-        if window is not None:
-            assert R._select_in_window(x, k, *window, bufs) == expected
-    # a window that misses (above or below the answer) is detected, never trusted
-    k = n // 2
-    t = R._float_to_bits(_kth_largest_abs(x, k))
-    assert R._select_in_window(x, k, t + 1, t + 1000, bufs) is None
-    assert R._select_in_window(x, k, t - 1000, t, bufs) is None
-    assert R._select_in_window(x, k, t, t + 1, bufs) == _kth_largest_abs(x, k)
+def test_magnitude_threshold_bucket_edges() -> None:
+    """Answers at a bucket's first and last pattern, and neighbours just outside it."""
+    n = R._SELECT_SUBCHUNK + 5
+    x = randn(n, seed=6)
+    lower = 0x3F80 << 16  # 1.0 starts a bucket
+    edges = torch.tensor([lower - 1, lower, lower + 1, lower + 0xFFFF, lower + 0x10000], dtype=torch.int32)
+    x[: edges.numel()] = edges.view(torch.float32)
+    x[edges.numel() : 2 * edges.numel()] = -edges.view(torch.float32)
+    order = x.abs().sort(descending=True).values
+    for value in edges.view(torch.float32).tolist():
+        first = int((order > value).sum()) + 1  # rank of the first element equal to value
+        for k in (first, first + 1):
+            assert magnitude_threshold(x, k) == _kth_largest_abs(x, k) == value
 
 
 def test_trim_matches_topk() -> None:
@@ -360,7 +367,9 @@ def test_mergekit_ties() -> None:
         ([0.7, 0.3, 1.2], [0.1, 0.5, 0.9], 1.0),
         ([0.5, -0.4, 0.9], [0.3, 1.0, 0.05], 1.5),
     ):
-        expected = _merge("ties", base, models, weight=weights, density=density, normalize=True, **{"lambda": lam})
+        expected = _merge(
+            "ties", base, models, weight=weights, density=density, normalize=True, **{"lambda": lam}
+        )
         exact(base + ties_merge(deltas, weights, density=density, lam=lam), expected)
         summed = _merge("ties", base, models, weight=weights, density=density, normalize=False)
         exact(base + ties_merge(deltas, weights, density=density, normalize=False), summed)
@@ -388,7 +397,9 @@ def test_mergekit_dare_with_given_masks(monkeypatch: pytest.MonkeyPatch) -> None
     deltas = [m - base for m in models]
     densities = [0.3, 0.5, 0.8]
     weights = [0.5, 0.9, 0.4]
-    masks = [bernoulli_mask(base.shape, d, generator=make_generator(1, "w", i)) for i, d in enumerate(densities)]
+    masks = [
+        bernoulli_mask(base.shape, d, generator=make_generator(1, "w", i)) for i, d in enumerate(densities)
+    ]
     queue: list[torch.Tensor] = []
 
     def given_mask(tensor, density, rescale_norm=None):
