@@ -160,3 +160,30 @@ class MergeStrategy(Protocol):
         *,
         generators: list[torch.Generator],
     ) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Quantizer(Protocol):
+    """A quantization backend (``register_quantizers``): turns float weights into a stored format.
+
+    ``quantize`` receives one float tensor and returns the tensors that replace it on disk
+    (packed weights plus their statistics), keyed by suffix; ``dequantize`` inverts it.
+    """
+
+    name: str
+    description: str
+
+    def quantize(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def dequantize(self, name: str, parts: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Exporter(Protocol):
+    """An output format (``register_exporters``): writes an artifact's files into a folder."""
+
+    name: str
+    description: str
+
+    def export(self, source: Path, dest: Path, options: dict[str, Any]) -> list[str]:
+        """Write the exported files into ``dest`` (a staging folder); return their relpaths."""

@@ -136,7 +136,12 @@ class PluginHost:
         """Register a plugin object directly (used by tests and embedding applications)."""
         if self.pm.is_blocked(name):
             return
-        self.pm.register(plugin, name=name)
+        try:
+            self.pm.register(plugin, name=name)
+        except (ValueError, pluggy.PluginValidationError) as e:
+            raise PluginError(
+                f"plugin {name!r} ({distribution or 'not installed'}) cannot be registered: {e}"
+            ) from e
         module = getattr(plugin, "__name__", type(plugin).__module__)
         hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
         self.info[name] = PluginInfo(name, module, distribution, version, hooks)

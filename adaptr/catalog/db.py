@@ -54,9 +54,11 @@ def get_engine(url: str | None = None) -> Engine:
 
 
 def alembic_config(url: str):
+    import sys
+
     from alembic.config import Config
 
-    cfg = Config()
+    cfg = Config(stdout=sys.stdout)  # its default is sys.stdout as of alembic's import, maybe long closed
     cfg.set_main_option("script_location", str(migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     return cfg

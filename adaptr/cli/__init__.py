@@ -10,7 +10,6 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -18,19 +17,19 @@ from adaptr.errors import AdaptrError
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    click.echo(f"Error: {message}", err=True)
+    typer.echo(f"Error: {message}", err=True)
     return typer.Exit(code)
 
 
 class AdaptrGroup(TyperGroup):
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except AdaptrError as e:
             raise _fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted; nothing was registered", 130) from None
-        except click.exceptions.Abort:
+        except typer.Abort:
             raise _fail("aborted", 1) from None
 
 
@@ -62,6 +61,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app = build_app()
     except AdaptrError as e:
-        click.echo(f"Error: {e}", err=True)
+        typer.echo(f"Error: {e}", err=True)
         sys.exit(e.exit_code)
     app(args=argv, prog_name="adaptr")

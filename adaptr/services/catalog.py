@@ -59,8 +59,11 @@ class Catalog:
         progress: Progress | None = None,
     ) -> None:
         settings = get_settings()
-        self.database_url = database_url or settings.database_url
-        self.store = Store(Path(home).resolve() / "store" if home else settings.store)
+        root = Path(home).expanduser().resolve() if home else None
+        self.database_url = database_url or (
+            f"sqlite:///{root / 'catalog.db'}" if root else settings.database_url
+        )
+        self.store = Store(root / "store" if root else settings.store)
         self.progress: Progress = progress or NullProgress()
 
     @contextmanager
@@ -376,8 +379,8 @@ class Catalog:
         tags: Sequence[str] = (),
         new_version: bool = False,
     ) -> dict[str, Any]:
-        path = Path(path).expanduser()
-        name = check_name(name or path.resolve().name)
+        path = Path(path).expanduser().resolve()
+        name = check_name(name or path.name)
         if not base:
             raise InvalidInputError(
                 "--base is required: name the catalog base model this adapter was trained on"

@@ -380,7 +380,8 @@ def _mergekit(method: str, base: torch.Tensor, deltas: list[tuple[int, torch.Ten
     tensors = [b] + [b + d.double() for _, d in deltas]
     per_input = {"weight": {f"m{i}": weights[i] for i, _ in deltas}}
     if "density" in params:
-        per_input["density"] = {f"m{i}": params.pop("density") for i, _ in deltas}
+        density = params.pop("density")
+        per_input["density"] = {f"m{i}": density for i, _ in deltas}
     return merge_tensors(tensors, method, parameters={**per_input, **params}, ids=ids, base_index=0)
 
 
