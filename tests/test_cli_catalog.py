@@ -16,7 +16,18 @@ import pytest
 
 from adaptr.testing import make_llama_base, make_lora_adapter
 
-SHOW_KEYS = {"name", "version", "kind", "content_hash", "size_bytes", "path", "files", "parents", "tags", "metadata"}
+SHOW_KEYS = {
+    "name",
+    "version",
+    "kind",
+    "content_hash",
+    "size_bytes",
+    "path",
+    "files",
+    "parents",
+    "tags",
+    "metadata",
+}
 EDGE_KEYS = {"parent", "child", "operation", "params", "plugin", "plugin_version", "seed"}
 
 
@@ -59,8 +70,17 @@ def files_on_disk(folder: Path) -> list[str]:
 def register_demo(cli, demo_set: dict, *, base_name: str = "llama") -> dict:
     base = ok_json(cli, "base", "add", demo_set["base"], "--name", base_name)
     adapters = {
-        name: ok_json(cli, "adapter", "add", path, "--base", base_name, "--tag", "demo",
-                      *(["--tag", "fast"] if name == "chat-r4" else []))
+        name: ok_json(
+            cli,
+            "adapter",
+            "add",
+            path,
+            "--base",
+            base_name,
+            "--tag",
+            "demo",
+            *(["--tag", "fast"] if name == "chat-r4" else []),
+        )
         for name, path in demo_set["adapters"].items()
     }
     return {"base": base, "adapters": adapters}
@@ -72,12 +92,21 @@ def extra(tmp_path_factory: pytest.TempPathFactory, demo_set: dict) -> dict:
     root = tmp_path_factory.mktemp("extra")
     base = demo_set["base"]
     out = {
-        "patterned": make_lora_adapter(root / "patterned", base, r=8, lora_alpha=16,
-                                       target_modules=("q_proj", "v_proj", "down_proj"),
-                                       rank_pattern={"v_proj": 4}, alpha_pattern={"down_proj": 32}, seed=5),
+        "patterned": make_lora_adapter(
+            root / "patterned",
+            base,
+            r=8,
+            lora_alpha=16,
+            target_modules=("q_proj", "v_proj", "down_proj"),
+            rank_pattern={"v_proj": 4},
+            alpha_pattern={"down_proj": 32},
+            seed=5,
+        ),
         "dora": make_lora_adapter(root / "dora", base, r=4, lora_alpha=8, use_dora=True, seed=6),
         "legacy": make_lora_adapter(root / "legacy", base, r=4, lora_alpha=8, weights_format="bin", seed=7),
-        "pissa": make_lora_adapter(root / "pissa", base, r=4, lora_alpha=4, init_lora_weights="pissa", seed=8),
+        "pissa": make_lora_adapter(
+            root / "pissa", base, r=4, lora_alpha=4, init_lora_weights="pissa", seed=8
+        ),
     }
     # modules_to_save that resizes the vocabulary: the saved lm_head copy has 8 more rows.
     mts = make_lora_adapter(root / "resized", base, r=4, lora_alpha=8, modules_to_save=["lm_head"], seed=9)
@@ -101,7 +130,7 @@ def test_linked_base_show_json(cli, demo_set: dict, adaptr_home: Path) -> None:
     base_dir = Path(demo_set["base"]).resolve()
     a = ok_json(cli, "base", "add", base_dir, "--name", "llama")
     shown = ok_json(cli, "show", "llama")
-    assert SHOW_KEYS <= set(shown)
+    assert set(shown) >= SHOW_KEYS
     assert shown["name"] == "llama" and shown["version"] == 1 and shown["kind"] == "base"
     assert shown["content_hash"] == a["content_hash"]
     # a linked base is loaded from where it is: the original folder, nothing copied
@@ -157,7 +186,7 @@ def test_adapters_show_metadata(cli, demo_set: dict) -> None:
     expect_scaling = {"chat-r4": 8 / 4, "code-r8": 16 / 8, "math-r16-rslora": 16 / math.sqrt(16)}
     for name, src in demo_set["adapters"].items():
         shown = ok_json(cli, "show", name)
-        assert SHOW_KEYS <= set(shown)
+        assert set(shown) >= SHOW_KEYS
         assert shown["kind"] == "adapter" and shown["base"] == "llama@1"
         assert shown["parents"] == [{"ref": "llama@1", "operation": "finetune"}]
         assert "demo" in shown["tags"]
@@ -172,7 +201,10 @@ def test_adapters_show_metadata(cli, demo_set: dict) -> None:
         assert meta["trainable_parameters"] == tp
         assert meta["trainable_share"] == pytest.approx(tp / base_params)
         path = Path(shown["path"])
-        assert sorted(f["path"] for f in shown["files"]) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(f["path"] for f in shown["files"]) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+        ]
         assert files_on_disk(path) == ["adapter_config.json", "adapter_model.safetensors"]
         assert shown["content_hash"] == expected_content_hash(path, files_on_disk(path))
         assert shown["content_hash"] == expected_content_hash(Path(src), files_on_disk(Path(src)))
@@ -182,8 +214,11 @@ def test_rank_and_alpha_pattern_scaling(cli, demo_set: dict, extra: dict) -> Non
     ok_json(cli, "base", "add", demo_set["base"], "--name", "llama")
     a = ok_json(cli, "adapter", "add", extra["patterned"], "--base", "llama", "--name", "patterned")
     scaling = a["metadata"]["scaling"]
-    assert set(scaling) == {f"model.layers.{i}.{m}" for i in (0, 1)
-                            for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")}
+    assert set(scaling) == {
+        f"model.layers.{i}.{m}"
+        for i in (0, 1)
+        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
+    }
     for module, s in scaling.items():
         if module.endswith("v_proj"):
             assert s == pytest.approx(16 / 4)
@@ -200,7 +235,13 @@ def test_ls_json_and_filters(cli, demo_set: dict) -> None:
     register_demo(cli, demo_set)
     ok_json(cli, "base", "add", demo_set["base"], "--name", "other-base", "--tag", "spare")
     rows = ok_json(cli, "ls")
-    assert [r["ref"] for r in rows] == ["chat-r4@1", "code-r8@1", "llama@1", "math-r16-rslora@1", "other-base@1"]
+    assert [r["ref"] for r in rows] == [
+        "chat-r4@1",
+        "code-r8@1",
+        "llama@1",
+        "math-r16-rslora@1",
+        "other-base@1",
+    ]
     for r in rows:
         assert "files" not in r
         assert SHOW_KEYS - {"files"} <= set(r)
@@ -231,9 +272,15 @@ def test_ls_json_and_filters(cli, demo_set: dict) -> None:
 def test_same_inputs_same_content_hash(cli, demo_set: dict, tmp_path: Path) -> None:
     ok_json(cli, "base", "add", demo_set["base"], "--name", "llama")
     src = demo_set["adapters"]["chat-r4"]
-    twin = make_lora_adapter(tmp_path / "twin", demo_set["base"], r=4, lora_alpha=8,
-                             target_modules=("q_proj", "v_proj"), seed=1,
-                             base_model_name_or_path=str(Path(demo_set["base"]).resolve()))
+    twin = make_lora_adapter(
+        tmp_path / "twin",
+        demo_set["base"],
+        r=4,
+        lora_alpha=8,
+        target_modules=("q_proj", "v_proj"),
+        seed=1,
+        base_model_name_or_path=str(Path(demo_set["base"]).resolve()),
+    )
     a = ok_json(cli, "adapter", "add", src, "--base", "llama", "--name", "a")
     b = ok_json(cli, "adapter", "add", twin, "--base", "llama", "--name", "b")
     assert a["content_hash"] == b["content_hash"]
@@ -248,8 +295,17 @@ def test_versions(cli, demo_set: dict) -> None:
     code, out, err = cli("adapter", "add", demo_set["adapters"]["code-r8"], "--base", "llama", "--name", "x")
     assert code == 2 and out == ""
     assert "x" in err and "--new-version" in err and "Traceback" not in err
-    second = ok_json(cli, "adapter", "add", demo_set["adapters"]["code-r8"], "--base", "llama", "--name", "x",
-                     "--new-version")
+    second = ok_json(
+        cli,
+        "adapter",
+        "add",
+        demo_set["adapters"]["code-r8"],
+        "--base",
+        "llama",
+        "--name",
+        "x",
+        "--new-version",
+    )
     assert second["version"] == 2 and second["ref"] == "x@2"
     assert ok_json(cli, "show", "x")["version"] == 2  # NAME is the latest
     assert ok_json(cli, "show", "x@1")["content_hash"] == first["content_hash"]
@@ -321,7 +377,7 @@ def test_verify_then_drift(cli, demo_set: dict, tmp_path: Path) -> None:
 def test_rm_refuses_with_descendants_then_force(cli, demo_set: dict, adaptr_home: Path) -> None:
     register_demo(cli, demo_set)
     before = ok_json(cli, "ls")
-    code, out, err = cli("rm", "llama")
+    code, _out, err = cli("rm", "llama")
     assert code == 2
     for name in demo_set["adapters"]:
         assert f"{name}@1" in err
@@ -346,8 +402,17 @@ def test_rm_refuses_with_descendants_then_force(cli, demo_set: dict, adaptr_home
 
 def test_rm_leaf_and_single_version(cli, demo_set: dict) -> None:
     register_demo(cli, demo_set)
-    ok_json(cli, "adapter", "add", demo_set["adapters"]["code-r8"], "--base", "llama", "--name", "chat-r4",
-            "--new-version")
+    ok_json(
+        cli,
+        "adapter",
+        "add",
+        demo_set["adapters"]["code-r8"],
+        "--base",
+        "llama",
+        "--name",
+        "chat-r4",
+        "--new-version",
+    )
     assert ok_json(cli, "rm", "chat-r4@1")["removed"] == ["chat-r4@1"]
     assert ok_json(cli, "show", "chat-r4")["version"] == 2
     code, out, _ = cli("rm", "code-r8")
@@ -368,7 +433,7 @@ def test_rm_keeps_shared_objects(cli, demo_set: dict, adaptr_home: Path) -> None
 
     ok_json(cli, "rm", "one")
     assert not Path(a["path"]).exists()
-    code, out, err = cli("verify", "two")
+    code, _out, err = cli("verify", "two")
     assert code == 0, err
     assert sorted(p.name for p in objects.rglob("*") if p.is_file()) == shas
 
@@ -404,7 +469,12 @@ def test_init(cli, adaptr_home: Path) -> None:
 
 @pytest.mark.parametrize(
     ("key", "flag"),
-    [("dora", "dora"), ("legacy", "legacy_bin"), ("resized", "vocab_resize"), ("pissa", "residual_init:pissa")],
+    [
+        ("dora", "dora"),
+        ("legacy", "legacy_bin"),
+        ("resized", "vocab_resize"),
+        ("pissa", "residual_init:pissa"),
+    ],
 )
 def test_flagged_adapters_are_accepted(cli, demo_set: dict, extra: dict, key: str, flag: str) -> None:
     ok_json(cli, "base", "add", demo_set["base"], "--name", "llama")
@@ -469,4 +539,5 @@ def test_gqa_smaller_base_adapter_roundtrip(cli, tmp_path: Path) -> None:
     a = ok_json(cli, "adapter", "add", ad, "--base", "small")
     assert a["base"] == "small@1" and a["metadata"]["r"] == 2
     assert a["metadata"]["trainable_share"] == pytest.approx(
-        numel_sum(ad / "adapter_model.safetensors") / numel_sum(small / "model.safetensors"))
+        numel_sum(ad / "adapter_model.safetensors") / numel_sum(small / "model.safetensors")
+    )

@@ -65,7 +65,10 @@ def run_commands(argvs: list[list[str]]) -> list[tuple[dict, str]]:
     A command that pulls torch in is named even though later ones share the process."""
     proc = subprocess.run(
         [sys.executable, "-c", SCRIPT.replace("HEAVY", repr(HEAVY)), json.dumps(argvs)],
-        capture_output=True, text=True, env=dict(os.environ), timeout=120,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=120,
     )
     assert "Traceback" not in proc.stderr, proc.stderr
     chunks = proc.stdout.split("\n@@")
@@ -90,5 +93,5 @@ def test_catalog_commands_do_not_import_torch(populated) -> None:
 
 
 def test_help_alone_in_a_fresh_process_is_light() -> None:
-    (r, out), = run_commands([["--help"]])
+    ((r, out),) = run_commands([["--help"]])
     assert r["code"] == 0 and r["heavy"] == [] and "lineage" in out

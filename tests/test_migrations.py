@@ -31,7 +31,7 @@ def test_blank_database_upgrades_to_the_models(tmp_path: Path) -> None:
     url = _url(tmp_path)
     assert db.current_revision(db.get_engine(url)) is None
     assert db.upgrade(url) == db.SCHEMA_REVISION
-    assert TABLES <= set(inspect(db.get_engine(url)).get_table_names())
+    assert set(inspect(db.get_engine(url)).get_table_names()) >= TABLES
     _check(url)
 
 
@@ -55,7 +55,7 @@ def test_downgrade_to_base_and_up_again(tmp_path: Path) -> None:
 
 
 def test_local_sqlite_upgrades_itself_with_wal(cli, adaptr_home: Path) -> None:
-    code, out, err = cli("ls", "--json")
+    code, _out, err = cli("ls", "--json")
     assert code == 0, err
     engine = db.get_engine()
     assert db.current_revision(engine) == db.SCHEMA_REVISION
@@ -75,8 +75,9 @@ def test_db_upgrade_command(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert db.current_revision(db.get_engine(url)) == db.SCHEMA_REVISION
 
 
-def test_other_databases_refuse_an_outdated_schema(tmp_path: Path, cli,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_databases_refuse_an_outdated_schema(
+    tmp_path: Path, cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A non-SQLite URL is never upgraded behind the user's back; simulated with a blank SQLite engine."""
     blank = db.get_engine(_url(tmp_path, "shared.db"))
     url = "postgresql://adaptr:s3cret@db.example:5432/catalog"

@@ -48,7 +48,9 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, modules: 
     monkeypatch.syspath_prepend(str(tmp_path))
     extra = [EntryPoint(name=mod.removeprefix("adaptr_test_"), value=mod, group="adaptr") for mod in modules]
     real = list(entry_points(group="adaptr"))
-    monkeypatch.setattr("adaptr.plugins.entry_points", lambda group: [*real, *extra] if group == "adaptr" else [])
+    monkeypatch.setattr(
+        "adaptr.plugins.entry_points", lambda group: [*real, *extra] if group == "adaptr" else []
+    )
     reset_plugins()
 
 
@@ -160,7 +162,7 @@ def test_duplicate_strategy_names_both_plugins() -> None:
 
 def test_duplicate_fails_the_cli(cli) -> None:
     get_host().add(ReaderPlugin("hf-safetensors"), "copycat")
-    code, out, err = cli("plugins")
+    code, _out, err = cli("plugins")
     assert code == 1 and "'copycat'" in err and "'formats'" in err and "Traceback" not in err
 
 
@@ -272,8 +274,9 @@ def test_misspelled_hookimpl_is_caught() -> None:
         host.pm.check_pending()
 
 
-def test_misspelled_hookimpl_in_an_entry_point(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture) -> None:
+def test_misspelled_hookimpl_in_an_entry_point(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     typo = """
         import adaptr
 

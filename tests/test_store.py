@@ -35,9 +35,15 @@ def store(tmp_path: Path) -> Store:
 
 def test_same_content_is_one_object_with_two_links(store: Store) -> None:
     same = b"same bytes" * 100
-    folder, entries = store.commit(stage(store, {"a.bin": same, "sub/b.bin": same, "c.txt": b"other"}), "art", 1)
+    folder, entries = store.commit(
+        stage(store, {"a.bin": same, "sub/b.bin": same, "c.txt": b"other"}), "art", 1
+    )
     assert folder == store.artifact_dir("art", 1) == store.artifacts / "art" / "1"
-    assert sorted(p.relative_to(folder).as_posix() for p in list_files(folder)) == ["a.bin", "c.txt", "sub/b.bin"]
+    assert sorted(p.relative_to(folder).as_posix() for p in list_files(folder)) == [
+        "a.bin",
+        "c.txt",
+        "sub/b.bin",
+    ]
     assert objects(store) == sorted({sha(same), sha(b"other")})
     obj = store.object_path(sha(same))
     assert obj == store.objects / sha(same)[:2] / sha(same)
@@ -143,7 +149,9 @@ def test_content_hash_definition(tmp_path: Path) -> None:
     (tmp_path / ".hidden").write_bytes(b"ignored")
     entries = hash_folder(tmp_path)
     assert [e.relpath for e in entries] == ["b.txt", "sub/a.txt"]
-    lines = "".join(f"{rel}\0{sha(data)}\n" for rel, data in sorted({"b.txt": b"bee", "sub/a.txt": b"ay"}.items()))
+    lines = "".join(
+        f"{rel}\0{sha(data)}\n" for rel, data in sorted({"b.txt": b"bee", "sub/a.txt": b"ay"}.items())
+    )
     assert content_hash(entries) == sha(lines.encode())
     assert content_hash(reversed(entries)) == content_hash(entries)  # order of input does not matter
     # the name is part of the hash

@@ -62,6 +62,7 @@ _HI_BUCKETS = 1 << 15
 _INF_BUCKET = 0x7F80  # top 16 bits of +inf
 _LOW_PATTERNS = 1 << 16  # bit patterns per bucket
 _RESCALE_MODES = ("density", "l1", None)
+_F32_MAX = 3.4028234663852886e38
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -93,8 +94,8 @@ def _check_weights(weights: Sequence[float], count: int) -> list[float]:
             value = float(w)
         except (TypeError, ValueError):
             raise InvalidInputError(f"weights must be numbers, got {w!r}") from None
-        if not math.isfinite(value):
-            raise InvalidInputError(f"weights must be finite, got {w!r}")
+        if not math.isfinite(value) or abs(value) > _F32_MAX:
+            raise InvalidInputError(f"weights must be finite float32 values, got {w!r}")
         out.append(_f32(value))
     return out
 
@@ -421,6 +422,28 @@ def bernoulli_mask(
     return mask
 
 
+def _drop_chunked(x: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
+    """``x · bernoulli_mask(x.shape, density, generator)`` without materialising the mask.
+
+    The same draws in the same order as ``bernoulli_mask``, turned into 0.0/1.0 floats in place
+    (``u < density``) and multiplied in chunk by chunk: float ops only, no bool tensor.
+    """
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    n = flat.numel()
+    chunk = min(n, _MASK_CHUNK)
+    buf = torch.empty(chunk, dtype=torch.float32, device=x.device)
+    for start in range(0, n, chunk):
+        size = min(chunk, n - start)
+        keep = buf[:size]
+        torch.rand(size, generator=generator, out=keep)
+        keep.lt_(density)
+        if flat.dtype != torch.float32:
+            keep = keep.to(flat.dtype)
+        torch.mul(flat[start : start + size], keep, out=out[start : start + size])
+    return out.view(x.shape)
+
+
 def random_drop(
     x: Tensor,
     density: float,
@@ -463,12 +486,11 @@ def random_drop(
     if d <= 0 or x.numel() == 0:
         return torch.zeros_like(x)
     if mask is None:
-        keep = bernoulli_mask(x.shape, d, generator=generator, device=x.device)
+        kept = _drop_chunked(x, d, generator)
     else:
         if mask.shape != x.shape:
             raise InvalidInputError(f"mask shape {tuple(mask.shape)} does not match {tuple(x.shape)}")
-        keep = mask if mask.dtype == torch.bool else mask != 0
-    kept = x.masked_fill(~keep, 0)
+        kept = x * (mask if mask.dtype == torch.bool else mask != 0)
     if rescale == "density":
         kept.div_(d)
     elif rescale == "l1":
@@ -502,9 +524,9 @@ def elect_sign(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
         InvalidInputError: for no deltas, mismatched shapes or a weight count that differs.
     """
     items, ws = _check_group(deltas, weights)
-    total = items[0] * ws[0]
+    total = items[0].float() * ws[0]
     for d, w in zip(items[1:], ws[1:]):
-        total.add_(d * w)
+        total.add_(d.float() * w)
     return total >= 0
 
 
@@ -540,7 +562,7 @@ def disjoint_merge(
     numerator = torch.zeros_like(items[0], dtype=torch.float32)
     divisor = torch.zeros_like(items[0], dtype=torch.float32)
     for d, w in zip(items, ws):
-        weighted = d * w
+        weighted = d.float() * w
         agree = torch.where(positive, weighted > 0, weighted < 0)
         numerator.add_(weighted.masked_fill_(~agree, 0))
         divisor.add_(agree.to(torch.float32).mul_(w))
@@ -571,9 +593,9 @@ def weighted_sum(deltas: Sequence[Tensor], weights: Sequence[float], *, normaliz
         InvalidInputError: for no deltas, mismatched shapes or a weight count that differs.
     """
     items, ws = _check_group(deltas, weights)
-    total = items[0] * ws[0]
+    total = items[0].float() * ws[0]
     for d, w in zip(items[1:], ws[1:]):
-        total.add_(d * w)
+        total.add_(d.float() * w)
     if normalize:
         divisor = torch.tensor(ws, dtype=torch.float32).sum()
         if divisor.abs() >= 1e-8:

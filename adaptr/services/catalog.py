@@ -390,7 +390,7 @@ class Catalog:
             base_art = self.resolve(s, base)
             if base_art.kind != "base":
                 raise InvalidInputError(
-                    f"{base!r} is a {base_art.kind}, not a base model; pass a base to --base"
+                    f"{base!r} is not a base model (it is a {base_art.kind!r}); pass a base to --base"
                 )
         from adaptr.compat import check_adapter_fits
 
