@@ -395,8 +395,9 @@ def bernoulli_mask(
 
     Entry ``j`` (row-major) is ``u_j < float32(density)`` with ``u_j`` the j-th float32 of
     ``torch.rand`` from ``generator``, drawn in chunks of 1M into one reused buffer (no full-size float
-    temporary). The draw is bit-identical to ``torch.bernoulli(torch.full(shape, density))`` with the same
-    generator state, which is mergekit's ``sparsify.bernoulli`` and PEFT's ``random_pruning`` mask.
+    temporary). On CPU the draw is bit-identical to ``torch.bernoulli(torch.full(shape, density))`` with
+    the same generator state (which is mergekit's ``sparsify.bernoulli`` and PEFT's ``random_pruning``
+    mask), so seeding torch's global RNG reproduces their masks; the tests pin this down.
 
     Args:
         shape: the mask's shape.
@@ -547,7 +548,8 @@ def disjoint_merge(
     Args:
         deltas: the (already sparsified) deltas, all of one shape.
         weights: one weight per delta.
-        sign: the elected sign as returned by ``elect_sign`` (bool, True = ``+``).
+        sign: the elected sign as returned by ``elect_sign`` (bool, True = ``+``); a ±1 float tensor is
+            accepted too (``> 0`` means ``+``).
 
     Returns:
         A new float32 tensor of the deltas' shape.

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -98,6 +97,19 @@ def test_adapters_of_different_bases(cli, demo_set, adaptr_home, tmp_path):
 def test_bad_parameters(cli, demo_set, adaptr_home, args, says):
     register_demo(cli, demo_set)
     assert_refused(cli, adaptr_home, *THREE, *args, "--name", "m", says=says)
+
+
+def test_invalid_options_fail_before_any_tensor_is_merged(cli, demo_set, adaptr_home, monkeypatch):
+    register_demo(cli, demo_set)
+    import adaptr.engine
+
+    def execute(*args, **kwargs):
+        raise AssertionError("the merge ran before the options were validated")
+
+    monkeypatch.setattr(adaptr.engine, "execute", execute)
+    for args in (("--strategy", "ties", "--verify"), ("--strategy", "ties", "--weights", "1,-1,1"),
+                 ("--strategy", "linear", "--density", "0.2"), ("--weights", "1,2")):
+        assert_refused(cli, adaptr_home, *THREE, *args, "--name", "m")
 
 
 def test_output_name_taken(cli, demo_set, adaptr_home):
@@ -215,4 +227,3 @@ def test_failure_while_writing_cleans_up(cli, demo_set, adaptr_home, monkeypatch
     assert snapshot(cli, adaptr_home) == before
     tmp = adaptr_home / "store" / "tmp"
     assert not tmp.exists() or not any(tmp.iterdir())
-    shutil.rmtree(tmp, ignore_errors=True)
