@@ -26,7 +26,6 @@ from adaptr.ops.reference import make_generator
 WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 _FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
 _CODE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
-_EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight")
 
 
 @dataclass
@@ -89,16 +88,13 @@ def plan_merge(
 
     # Tied embeddings: a delta on the shared matrix would silently change the head too
     # (PEFT#2025). Write the head as its own tensor and untie instead.
+    from adaptr.compat import tied_head_source
+
     names = list(base.tensors)
     untied = None
-    embed = next((n for n in names if n.endswith(_EMBED_SUFFIXES)), None)
+    embed = tied_head_source(base)
     touched = set(lora) | set(repl)
-    if (
-        base.tie_word_embeddings
-        and "lm_head.weight" not in base.tensors
-        and embed
-        and (embed in touched or "lm_head.weight" in touched)
-    ):
+    if embed and (embed in touched or "lm_head.weight" in touched):
         untied = "lm_head.weight"
         names.append(untied)
 

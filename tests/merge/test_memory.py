@@ -28,7 +28,7 @@ MiB = 1 << 20
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 WRAPPER = r"""
-import json, sys, threading, time
+import json, os, sys, threading, time
 
 def rss_anon():
     with open("/proc/self/status") as f:
@@ -47,6 +47,15 @@ from adaptr.plugins import get_host
 
 adaptr.cli.build_app()
 get_host()
+if os.environ.get("MEMTEST_DISK_BYTES_PER_S"):  # simulate a slow disk under the shard writer
+    rate = float(os.environ["MEMTEST_DISK_BYTES_PER_S"])
+    real_write = adaptr.io.safetensors_io._write_chunk
+
+    def slow_write(f, h, chunk):
+        time.sleep(len(chunk) / rate)
+        real_write(f, h, chunk)
+
+    adaptr.io.safetensors_io._write_chunk = slow_write
 x = torch.randn(256, 256)  # start torch's thread pool and allocator
 (x @ x).abs().sum()
 del x
@@ -118,11 +127,11 @@ def _status_rss_anon(pid: int) -> int | None:
     return None
 
 
-def _measured_merge(tmp_path: Path, home: Path, args: list[str], tag: str) -> dict:
+def _measured_merge(tmp_path: Path, home: Path, args: list[str], tag: str, **env_extra: str) -> dict:
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
     report = tmp_path / f"{tag}.json"
-    env = {**os.environ, "ADAPTR_HOME": str(home)}
+    env = {**os.environ, "ADAPTR_HOME": str(home), **env_extra}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, str(wrapper), str(report), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -139,43 +148,60 @@ def _measured_merge(tmp_path: Path, home: Path, args: list[str], tag: str) -> di
     return result
 
 
-@pytest.mark.slow
-def test_peak_anonymous_memory_is_bounded_by_the_largest_tensor(cli, big, tmp_path, adaptr_home):
+def _register(cli, big: dict) -> list[str]:
+    code, out, err = cli("base", "add", big["base"], "--name", "big")
+    assert code == 0, err
+    for name, path in big["adapters"].items():
+        code, out, err = cli("adapter", "add", path, "--base", "big", "--name", name)
+        assert code == 0, err
+    return [x for name in big["adapters"] for x in ("--adapter", name)]
+
+
+def _check(big: dict, tmp_path: Path, home: Path, runs: dict[str, list[str]], **env: str) -> None:
     if not Path("/proc/self/status").is_file():
         pytest.skip("needs /proc (Linux) to read RssAnon")
     sizes = _tensor_bytes(big["base"])
     total, largest = sum(sizes), max(sizes)
     assert total >= 256 * MiB and largest <= 16 * MiB, (total, largest)
     bound = 8 * largest
-
-    code, out, err = cli("base", "add", big["base"], "--name", "big")
-    assert code == 0, err
-    for name, path in big["adapters"].items():
-        code, out, err = cli("adapter", "add", path, "--base", "big", "--name", name)
-        assert code == 0, err
-    adapters = [x for name in big["adapters"] for x in ("--adapter", name)]
-
-    runs = {
-        "ties x3": [*adapters, "--strategy", "ties", "--density", "0.2", "--name", "big-ties"],
-        "simple": ["--adapter", "ad0", "--name", "big-simple"],
-    }
     lines = [f"fixture {total / MiB:.0f} MiB, largest tensor {largest / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB"]
+    if env:
+        lines[0] += f" ({', '.join(f'{k}={v}' for k, v in env.items())})"
     results = {}
     for tag, args in runs.items():
-        r = _measured_merge(tmp_path, adaptr_home, ["merge", *args, "--json"], tag.split()[0])
+        r = _measured_merge(tmp_path, home, ["merge", *args, "--json"], tag.split()[0], **env)
         results[tag] = r
-        growth = r["peak"] - r["baseline"]
+        growth = max(r["peak"], r["polled"]) - r["baseline"]
         lines.append(
             f"{tag}: baseline RssAnon {r['baseline'] / MiB:.0f} MiB, peak {r['peak'] / MiB:.0f} MiB "
             f"(parent poll {r['polled'] / MiB:.0f} MiB), growth {growth / MiB:.0f} MiB "
             f"= {growth / largest:.1f}x largest tensor, {r['seconds']:.1f} s"
         )
         assert r["output"]["size_bytes"] >= total
+        shutil.rmtree(r["output"]["path"], ignore_errors=True)  # 284 MiB each; the numbers are all we need
     print("\n" + "\n".join(lines))
     for tag, r in results.items():
         growth = max(r["peak"], r["polled"]) - r["baseline"]
-        assert growth < bound, f"{tag}: RssAnon grew {growth / MiB:.0f} MiB > 8 x {largest / MiB:.0f} MiB\n" + "\n".join(
-            lines
-        )
-    for r in results.values():
-        shutil.rmtree(r["output"]["path"], ignore_errors=True)
+        assert growth < bound, "\n".join([f"{tag}: RssAnon grew {growth / MiB:.0f} MiB > {bound / MiB:.0f} MiB"] + lines)
+
+
+@pytest.mark.slow
+def test_peak_anonymous_memory_is_bounded_by_the_largest_tensor(cli, big, tmp_path, adaptr_home):
+    adapters = _register(cli, big)
+    runs = {
+        "ties x3": [*adapters, "--strategy", "ties", "--density", "0.2", "--name", "big-ties"],
+        "simple": ["--adapter", "ad0", "--name", "big-simple"],
+    }
+    _check(big, tmp_path, adaptr_home, runs)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="StreamingShardWriter keeps up to _IN_FLIGHT = 256 MiB of finished tensors queued for its I/O thread, "
+    "a constant rather than a multiple of the largest tensor: on a slow disk merged tensors pile up in memory",
+)
+def test_peak_anonymous_memory_is_bounded_on_a_slow_disk(cli, big, tmp_path, adaptr_home):
+    _register(cli, big)
+    runs = {"simple": ["--adapter", "ad0", "--name", "big-simple"]}
+    _check(big, tmp_path, adaptr_home, runs, MEMTEST_DISK_BYTES_PER_S="60e6")

@@ -291,13 +291,7 @@ TIED_CASES = {
     "modules_to_save-lm_head": dict(target_modules=("q_proj", "v_proj"), modules_to_save=["lm_head"]),
     "modules_to_save-embed_tokens": dict(target_modules=("q_proj", "v_proj"), modules_to_save=["embed_tokens"]),
 }
-# adaptr/compat.py checks targets against the stored tensors only, so a tied base (no lm_head.weight in its
-# files) refuses at registration an adapter that targets or saves lm_head, although the merge plan handles it.
-_TIED_HEAD = pytest.mark.xfail(reason="compat.check_adapter_fits does not know a tied lm_head", strict=True)
-
-
-@pytest.mark.parametrize("case", [pytest.param(c, marks=_TIED_HEAD) if "lm_head" in c else c
-                                  for c in sorted(TIED_CASES)])
+@pytest.mark.parametrize("case", sorted(TIED_CASES))
 def test_tied_embeddings_targeted_are_untied(cli, tied, tmp_path, case):
     adapter = make_lora_adapter(tmp_path / case, tied, r=4, lora_alpha=8, seed=12, init_scale=0.1,
                                 **TIED_CASES[case])
