@@ -33,7 +33,7 @@ MAX_HEADER_SIZE = 100_000_000  # safetensors MAX_HEADER_SIZE: anything larger is
 DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub MAX_SHARD_SIZE; keeps shards friendly to hub uploads
 METADATA_KEY = "__metadata__"
 _FIX = "re-download or re-export it"
-_IN_FLIGHT = 256 * 1024 * 1024  # bytes handed to the I/O thread but not yet written
+_IN_FLIGHT_TENSORS = 2  # finished tensors the I/O thread may hold: memory stays a multiple of the largest
 _WRITE_CHUNK = 64 * 1024 * 1024  # progress granularity for big tensors; also bounds a single write() call
 _FINITE_CHUNK = 64 * 1024 * 1024  # elements per isfinite() pass: bounds the temporary bool mask
 
@@ -628,6 +628,7 @@ class StreamingShardWriter:
         self._pending: list[tuple[Any, int]] = []
         self._hashers: dict[int, Any] = {}
         self.sha256: dict[str, str] = {}  # final file name -> sha256, filled on success
+        self._in_flight = _IN_FLIGHT_TENSORS * max((e.nbytes for e in self._order), default=0)
         self._open: dict[int, IO[bytes]] = {}
         self._temps: dict[int, Path] = {}
         self._done = False
@@ -728,7 +729,7 @@ class StreamingShardWriter:
 
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptr-writer")
         self._pending.append((self._pool.submit(fn, *args), size))
-        while sum(n for _, n in self._pending) > _IN_FLIGHT:
+        while sum(n for _, n in self._pending) > self._in_flight:
             self._pending.pop(0)[0].result()
         while self._pending and self._pending[0][0].done():
             self._pending.pop(0)[0].result()

@@ -196,11 +196,6 @@ def test_peak_anonymous_memory_is_bounded_by_the_largest_tensor(cli, big, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="StreamingShardWriter keeps up to _IN_FLIGHT = 256 MiB of finished tensors queued for its I/O thread, "
-    "a constant rather than a multiple of the largest tensor: on a slow disk merged tensors pile up in memory",
-)
 def test_peak_anonymous_memory_is_bounded_on_a_slow_disk(cli, big, tmp_path, adaptr_home):
     _register(cli, big)
     runs = {"simple": ["--adapter", "ad0", "--name", "big-simple"]}

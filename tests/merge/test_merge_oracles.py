@@ -185,10 +185,12 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_gpt2_base(tmp_path_factory.mktemp("gpt2") / "base", seed=2)
 
 
-@pytest.mark.parametrize("lora_bias", [False, True], ids=["fan_in_fan_out", "fan_in_fan_out+lora_bias"])
-def test_simple_gpt2_conv1d_matches_peft(cli, gpt2, tmp_path, lora_bias):
+@pytest.mark.parametrize("variant", ["fan_in_fan_out", "fan_in_fan_out+lora_bias", "fan_in_fan_out+dora"])
+def test_simple_gpt2_conv1d_matches_peft(cli, gpt2, tmp_path, variant):
+    lora_bias = "lora_bias" in variant
     adapter = make_lora_adapter(tmp_path / "ad", gpt2, r=8, lora_alpha=16, seed=4, init_scale=0.1,
-                                target_modules=("c_attn", "c_proj", "c_fc"), lora_bias=lora_bias)
+                                target_modules=("c_attn", "c_proj", "c_fc"), lora_bias=lora_bias,
+                                use_dora="dora" in variant)
     assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     art, ours, base_logits, ids = _simple_case(cli, gpt2, adapter)
     assert_logits_close(ours, peft_logits(gpt2, adapter, ids), base_logits, atol=1e-5)
@@ -197,6 +199,9 @@ def test_simple_gpt2_conv1d_matches_peft(cli, gpt2, tmp_path, lora_bias):
     # Independent float64 check of the Conv1D layout (stored [in, out]) and of the scaled lora_B bias.
     w = "transformer.h.0.attn.c_attn"
     expect = base[f"{w}.weight"].double() + lora_delta64(ad, w, 2.0, conv1d=True)
+    if "dora" in variant:  # m / ‖W + ΔW‖ per output feature: a column of the stored [in, out] matrix
+        magnitude = ad[f"base_model.model.{w}.lora_magnitude_vector"].double()
+        expect = expect * (magnitude / torch.linalg.vector_norm(expect, dim=0)).view(1, -1)
     assert_close(merged[f"{w}.weight"], expect, "c_attn weight")
     bias_key = f"base_model.model.{w}.lora_B.bias"
     if lora_bias:
