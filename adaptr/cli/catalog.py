@@ -69,8 +69,10 @@ def _tree(graph: dict[str, Any]) -> None:
                 how += f" {strategy}"
             if e["others"]:
                 how += " with " + ", ".join(e["others"])
-            seed = f", seed {e['seed']}" if e["seed"] is not None else ""
-            sub = tree.add(f"{label(e['child'])} [cyan]← {how}[/cyan] [dim]{e['plugin'] or ''}{seed}[/dim]")
+            extra = [f"{e['plugin']} {e['plugin_version'] or ''}".strip()] if e["plugin"] else []
+            extra += [f"seed {e['seed']}"] if e["seed"] is not None else []
+            note = f" [dim]({', '.join(extra)})[/dim]" if extra else ""
+            sub = tree.add(f"{label(e['child'])} [cyan]← {how}[/cyan]{note}")
             if e["child"] not in seen:
                 grow(sub, e["child"], seen | {e["child"]})
 

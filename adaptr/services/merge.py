@@ -52,7 +52,9 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             "--adapter, in the same order"
         )
     if spec.verify and len(spec.adapters) != 1:  # refuse before the merge runs, not after
-        raise InvalidInputError("--verify compares against one unmerged adapter; merge a single adapter to use it")
+        raise InvalidInputError(
+            "--verify compares against one unmerged adapter; merge a single adapter to use it"
+        )
     if strategy.max_adapters is not None and len(spec.adapters) > strategy.max_adapters:
         raise InvalidInputError(
             f"strategy {strategy_name!r} merges at most {strategy.max_adapters} adapter(s), got "

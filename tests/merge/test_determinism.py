@@ -35,10 +35,19 @@ def weights_sha(art: dict) -> dict[str, str]:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Tensors large enough (256K entries) that torch really splits elementwise ops across threads."""
     root = tmp_path_factory.mktemp("det")
-    base = make_llama_base(root / "base", hidden_size=256, intermediate_size=1024, num_hidden_layers=2, seed=40)
+    base = make_llama_base(
+        root / "base", hidden_size=256, intermediate_size=1024, num_hidden_layers=2, seed=40
+    )
     adapters = {
-        f"ad{i}": make_lora_adapter(root / f"ad{i}", base, r=r, lora_alpha=2 * r, target_modules=ALL_LINEAR,
-                                    seed=41 + i, init_scale=0.05)
+        f"ad{i}": make_lora_adapter(
+            root / f"ad{i}",
+            base,
+            r=r,
+            lora_alpha=2 * r,
+            target_modules=ALL_LINEAR,
+            seed=41 + i,
+            init_scale=0.05,
+        )
         for i, r in enumerate((4, 8, 16))
     }
     return {"base": base, "adapters": adapters}
@@ -65,8 +74,12 @@ def test_same_seed_same_bytes_other_seed_other_bytes(cli, models):
     # The seed is what differs, and it is recorded.
     assert (a["metadata"]["seed"], c["metadata"]["seed"]) == (5, 6)
     # dare_linear too, and with the L1 rescale
-    d1 = ok_json(cli, "merge", *adapters, "--strategy", "dare_linear", "--rescale", "l1", "--seed", "1", "--name", "d1")
-    d2 = ok_json(cli, "merge", *adapters, "--strategy", "dare_linear", "--rescale", "l1", "--seed", "1", "--name", "d2")
+    d1 = ok_json(
+        cli, "merge", *adapters, "--strategy", "dare_linear", "--rescale", "l1", "--seed", "1", "--name", "d1"
+    )
+    d2 = ok_json(
+        cli, "merge", *adapters, "--strategy", "dare_linear", "--rescale", "l1", "--seed", "1", "--name", "d2"
+    )
     assert d1["content_hash"] == d2["content_hash"]
 
 
@@ -96,8 +109,13 @@ def test_subprocess_single_thread_matches_and_is_quiet_on_a_pipe(cli, models, re
     torch.set_num_threads(2)
     here = ok_json(cli, "merge", *args, "--name", "here")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ADAPTR_HOME": str(adaptr_home)}
-    proc = subprocess.run([sys.executable, "-m", "adaptr", "merge", *args, "--name", "there", "--json"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "adaptr", "merge", *args, "--name", "there", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     there = json.loads(proc.stdout)
     assert weights_sha(there) == weights_sha(here)

@@ -105,11 +105,26 @@ def _tensor_bytes(folder: Path) -> list[int]:
 def big(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("memory")
     # 7 layers of 36 MiB (q/o 4, k/v 2, gate/up/down 8) + embed and head of 16 MiB each = 284 MiB.
-    base = make_llama_base(root / "base", hidden_size=1024, intermediate_size=2048, num_hidden_layers=7,
-                           num_attention_heads=8, num_key_value_heads=4, vocab_size=4096, seed=50)
+    base = make_llama_base(
+        root / "base",
+        hidden_size=1024,
+        intermediate_size=2048,
+        num_hidden_layers=7,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=4096,
+        seed=50,
+    )
     adapters = {
-        f"ad{i}": make_lora_adapter(root / f"ad{i}", base, r=16, lora_alpha=32, target_modules=ALL_LINEAR,
-                                    seed=51 + i, init_scale=0.01)
+        f"ad{i}": make_lora_adapter(
+            root / f"ad{i}",
+            base,
+            r=16,
+            lora_alpha=32,
+            target_modules=ALL_LINEAR,
+            seed=51 + i,
+            init_scale=0.01,
+        )
         for i in range(3)
     }
     yield {"base": base, "adapters": adapters}
@@ -133,8 +148,13 @@ def _measured_merge(tmp_path: Path, home: Path, args: list[str], tag: str, **env
     report = tmp_path / f"{tag}.json"
     env = {**os.environ, "ADAPTR_HOME": str(home), **env_extra}
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(wrapper), str(report), *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(wrapper), str(report), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     polled = 0
     while proc.poll() is None:
         v = _status_rss_anon(proc.pid)
@@ -149,10 +169,10 @@ def _measured_merge(tmp_path: Path, home: Path, args: list[str], tag: str, **env
 
 
 def _register(cli, big: dict) -> list[str]:
-    code, out, err = cli("base", "add", big["base"], "--name", "big")
+    code, _out, err = cli("base", "add", big["base"], "--name", "big")
     assert code == 0, err
     for name, path in big["adapters"].items():
-        code, out, err = cli("adapter", "add", path, "--base", "big", "--name", name)
+        code, _out, err = cli("adapter", "add", path, "--base", "big", "--name", name)
         assert code == 0, err
     return [x for name in big["adapters"] for x in ("--adapter", name)]
 
@@ -164,7 +184,9 @@ def _check(big: dict, tmp_path: Path, home: Path, runs: dict[str, list[str]], **
     total, largest = sum(sizes), max(sizes)
     assert total >= 256 * MiB and largest <= 16 * MiB, (total, largest)
     bound = 8 * largest
-    lines = [f"fixture {total / MiB:.0f} MiB, largest tensor {largest / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB"]
+    lines = [
+        f"fixture {total / MiB:.0f} MiB, largest tensor {largest / MiB:.0f} MiB, bound {bound / MiB:.0f} MiB"
+    ]
     if env:
         lines[0] += f" ({', '.join(f'{k}={v}' for k, v in env.items())})"
     results = {}
@@ -182,7 +204,9 @@ def _check(big: dict, tmp_path: Path, home: Path, runs: dict[str, list[str]], **
     print("\n" + "\n".join(lines))
     for tag, r in results.items():
         growth = max(r["peak"], r["polled"]) - r["baseline"]
-        assert growth < bound, "\n".join([f"{tag}: RssAnon grew {growth / MiB:.0f} MiB > {bound / MiB:.0f} MiB"] + lines)
+        assert growth < bound, "\n".join(
+            [f"{tag}: RssAnon grew {growth / MiB:.0f} MiB > {bound / MiB:.0f} MiB"] + lines
+        )
 
 
 @pytest.mark.slow

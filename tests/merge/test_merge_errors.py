@@ -54,9 +54,25 @@ def assert_refused(cli, home: Path, *args, code: int | set[int] = 2, says: tuple
 
 def test_unknown_strategy_lists_the_known_ones(cli, demo_set, adaptr_home):
     register_demo(cli, demo_set)
-    assert_refused(cli, adaptr_home, *THREE, "--strategy", "tie", "--name", "m",
-                   says=("tie", "ties", "dare_ties", "dare_linear", "linear", "task_arithmetic",
-                         "magnitude_prune", "simple"))
+    assert_refused(
+        cli,
+        adaptr_home,
+        *THREE,
+        "--strategy",
+        "tie",
+        "--name",
+        "m",
+        says=(
+            "tie",
+            "ties",
+            "dare_ties",
+            "dare_linear",
+            "linear",
+            "task_arithmetic",
+            "magnitude_prune",
+            "simple",
+        ),
+    )
 
 
 def test_adapters_of_different_bases(cli, demo_set, adaptr_home, tmp_path):
@@ -64,13 +80,44 @@ def test_adapters_of_different_bases(cli, demo_set, adaptr_home, tmp_path):
     other = make_llama_base(tmp_path / "other", seed=99)  # same shapes, other weights
     ok_json(cli, "base", "add", other, "--name", "other")
     ok_json(cli, "adapter", "add", demo_set["adapters"]["code-r8"], "--base", "other", "--name", "code-other")
-    assert_refused(cli, adaptr_home, "--adapter", "chat-r4", "--adapter", "code-other", "--name", "m",
-                   says=("different bases", "llama@1", "other@1"))
+    assert_refused(
+        cli,
+        adaptr_home,
+        "--adapter",
+        "chat-r4",
+        "--adapter",
+        "code-other",
+        "--name",
+        "m",
+        says=("different bases", "llama@1", "other@1"),
+    )
     # --base naming a base the adapters were not registered on
-    assert_refused(cli, adaptr_home, "--adapter", "chat-r4", "--base", "other", "--name", "m",
-                   says=("chat-r4@1", "other@1"))
-    assert_refused(cli, adaptr_home, "--adapter", "chat-r4", "--adapter", "code-r8", "--base", "other",
-                   "--strategy", "ties", "--name", "m", says=("other@1",))
+    assert_refused(
+        cli,
+        adaptr_home,
+        "--adapter",
+        "chat-r4",
+        "--base",
+        "other",
+        "--name",
+        "m",
+        says=("chat-r4@1", "other@1"),
+    )
+    assert_refused(
+        cli,
+        adaptr_home,
+        "--adapter",
+        "chat-r4",
+        "--adapter",
+        "code-r8",
+        "--base",
+        "other",
+        "--strategy",
+        "ties",
+        "--name",
+        "m",
+        says=("other@1",),
+    )
 
 
 @pytest.mark.parametrize(
@@ -88,7 +135,13 @@ def test_adapters_of_different_bases(cli, demo_set, adaptr_home, tmp_path):
         (("--strategy", "ties", "--density", "nan"), ("density",)),
         (("--strategy", "dare_linear", "--rescale", "l3"), ("rescale",)),
         (("--strategy", "ties", "--dtype", "int8"), ("dtype",)),
-        (("--strategy", "simple",), ("simple", "1")),
+        (
+            (
+                "--strategy",
+                "simple",
+            ),
+            ("simple", "1"),
+        ),
         (("--strategy", "ties", "--verify"), ("verify", "one")),
         (("--strategy", "ties", "--max-shard-size", "lots"), ("lots",)),
     ],
@@ -107,15 +160,21 @@ def test_invalid_options_fail_before_any_tensor_is_merged(cli, demo_set, adaptr_
         raise AssertionError("the merge ran before the options were validated")
 
     monkeypatch.setattr(adaptr.engine, "execute", execute)
-    for args in (("--strategy", "ties", "--verify"), ("--strategy", "ties", "--weights", "1,-1,1"),
-                 ("--strategy", "linear", "--density", "0.2"), ("--weights", "1,2")):
+    for args in (
+        ("--strategy", "ties", "--verify"),
+        ("--strategy", "ties", "--weights", "1,-1,1"),
+        ("--strategy", "linear", "--density", "0.2"),
+        ("--weights", "1,2"),
+    ):
         assert_refused(cli, adaptr_home, *THREE, *args, "--name", "m")
 
 
 def test_output_name_taken(cli, demo_set, adaptr_home):
     register_demo(cli, demo_set)
     ok_json(cli, "merge", "--adapter", "chat-r4", "--name", "m")
-    assert_refused(cli, adaptr_home, *THREE, "--strategy", "ties", "--name", "m", says=("m@1", "--new-version"))
+    assert_refused(
+        cli, adaptr_home, *THREE, "--strategy", "ties", "--name", "m", says=("m@1", "--new-version")
+    )
     # A name taken by another kind of artifact is taken too.
     assert_refused(cli, adaptr_home, "--adapter", "chat-r4", "--name", "code-r8", says=("code-r8",))
 
@@ -125,8 +184,19 @@ def test_dora_refused_by_multi_adapter_strategies(cli, demo_set, adaptr_home, tm
     dora = make_lora_adapter(tmp_path / "dora", demo_set["base"], r=4, lora_alpha=8, use_dora=True, seed=6)
     ok_json(cli, "adapter", "add", dora, "--base", "llama", "--name", "dora")
     for strategy in ("ties", "linear", "dare_ties"):
-        assert_refused(cli, adaptr_home, "--adapter", "dora", "--adapter", "chat-r4", "--strategy", strategy,
-                       "--name", "m", says=("dora@1", "DoRA", "simple"))
+        assert_refused(
+            cli,
+            adaptr_home,
+            "--adapter",
+            "dora",
+            "--adapter",
+            "chat-r4",
+            "--strategy",
+            strategy,
+            "--name",
+            "m",
+            says=("dora@1", "DoRA", "simple"),
+        )
     assert_refused(cli, adaptr_home, "--adapter", "dora", "--strategy", "ties", "--name", "m", says=("DoRA",))
     ok_json(cli, "merge", "--adapter", "dora", "--name", "alone")  # simple merges it
 
@@ -137,15 +207,52 @@ def test_two_modules_to_save_need_a_choice(cli, demo_set, adaptr_home, tmp_path)
     register_demo(cli, demo_set)
     paths = {}
     for i, name in enumerate(("head-a", "head-b")):
-        paths[name] = make_lora_adapter(tmp_path / name, demo_set["base"], r=4, lora_alpha=8, seed=30 + i,
-                                        modules_to_save=["lm_head"])
+        paths[name] = make_lora_adapter(
+            tmp_path / name, demo_set["base"], r=4, lora_alpha=8, seed=30 + i, modules_to_save=["lm_head"]
+        )
         ok_json(cli, "adapter", "add", paths[name], "--base", "llama", "--name", name)
-    assert_refused(cli, adaptr_home, "--adapter", "head-a", "--adapter", "head-b", "--strategy", "linear",
-                   "--name", "m", says=("lm_head", "--modules-to-save-from"))
-    assert_refused(cli, adaptr_home, "--adapter", "head-a", "--adapter", "head-b", "--strategy", "linear",
-                   "--modules-to-save-from", "chat-r4", "--name", "m", says=("chat-r4",))
-    art = ok_json(cli, "merge", "--adapter", "head-a", "--adapter", "head-b", "--strategy", "linear",
-                  "--modules-to-save-from", "head-b", "--name", "m")
+    assert_refused(
+        cli,
+        adaptr_home,
+        "--adapter",
+        "head-a",
+        "--adapter",
+        "head-b",
+        "--strategy",
+        "linear",
+        "--name",
+        "m",
+        says=("lm_head", "--modules-to-save-from"),
+    )
+    assert_refused(
+        cli,
+        adaptr_home,
+        "--adapter",
+        "head-a",
+        "--adapter",
+        "head-b",
+        "--strategy",
+        "linear",
+        "--modules-to-save-from",
+        "chat-r4",
+        "--name",
+        "m",
+        says=("chat-r4",),
+    )
+    art = ok_json(
+        cli,
+        "merge",
+        "--adapter",
+        "head-a",
+        "--adapter",
+        "head-b",
+        "--strategy",
+        "linear",
+        "--modules-to-save-from",
+        "head-b",
+        "--name",
+        "m",
+    )
     merged = load_file(str(Path(art["path"]) / "model.safetensors"))
     saved = load_file(str(paths["head-b"] / "adapter_model.safetensors"))["base_model.model.lm_head.weight"]
     assert (merged["lm_head.weight"] == saved).all()
@@ -153,12 +260,24 @@ def test_two_modules_to_save_need_a_choice(cli, demo_set, adaptr_home, tmp_path)
 
 def test_pissa_adapter_refused(cli, demo_set, adaptr_home, tmp_path):
     register_demo(cli, demo_set)
-    pissa = make_lora_adapter(tmp_path / "pissa", demo_set["base"], r=4, lora_alpha=4, seed=8,
-                              init_lora_weights="pissa")
+    pissa = make_lora_adapter(
+        tmp_path / "pissa", demo_set["base"], r=4, lora_alpha=4, seed=8, init_lora_weights="pissa"
+    )
     ok_json(cli, "adapter", "add", pissa, "--base", "llama", "--name", "pissa")
     assert_refused(cli, adaptr_home, "--adapter", "pissa", "--name", "m", says=("pissa@1", "PISSA"))
-    assert_refused(cli, adaptr_home, "--adapter", "pissa", "--adapter", "chat-r4", "--strategy", "ties",
-                   "--name", "m", says=("PISSA",))
+    assert_refused(
+        cli,
+        adaptr_home,
+        "--adapter",
+        "pissa",
+        "--adapter",
+        "chat-r4",
+        "--strategy",
+        "ties",
+        "--name",
+        "m",
+        says=("PISSA",),
+    )
 
 
 def test_not_enough_disk_space(cli, demo_set, adaptr_home, monkeypatch):
@@ -166,8 +285,9 @@ def test_not_enough_disk_space(cli, demo_set, adaptr_home, monkeypatch):
     import adaptr.io.files
 
     monkeypatch.setattr(adaptr.io.files, "disk_free", lambda path: 1000)
-    assert_refused(cli, adaptr_home, *THREE, "--strategy", "ties", "--name", "m", code=1,
-                   says=("disk space", "free"))
+    assert_refused(
+        cli, adaptr_home, *THREE, "--strategy", "ties", "--name", "m", code=1, says=("disk space", "free")
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage-header", "missing"])
@@ -202,8 +322,19 @@ def test_ctrl_c_mid_merge_registers_nothing(cli, demo_set, adaptr_home, monkeypa
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ref, "ties_merge", interrupted)
-    assert_refused(cli, adaptr_home, *THREE, "--strategy", "ties", "--max-shard-size", "20KB", "--name", "m",
-                   code=130, says=("interrupted",))
+    assert_refused(
+        cli,
+        adaptr_home,
+        *THREE,
+        "--strategy",
+        "ties",
+        "--max-shard-size",
+        "20KB",
+        "--name",
+        "m",
+        code=130,
+        says=("interrupted",),
+    )
     assert len(calls) == 4
     monkeypatch.setattr(ref, "ties_merge", real)
     ok_json(cli, "merge", *THREE, "--strategy", "ties", "--name", "m")  # the name is still free
@@ -220,7 +351,7 @@ def test_failure_while_writing_cleans_up(cli, demo_set, adaptr_home, monkeypatch
     monkeypatch.setattr(ref, "weighted_sum", broken)
     before = snapshot(cli, adaptr_home)
     try:
-        rc, out, err = cli("merge", *THREE, "--strategy", "linear", "--name", "m")
+        rc, _out, _err = cli("merge", *THREE, "--strategy", "linear", "--name", "m")
     except OSError:
         rc = None  # not turned into a one-line error; the cleanup below is what matters here
     assert rc != 0
