@@ -21,7 +21,7 @@ import torch
 from adaptr.errors import IncompatibleAdapterError, InvalidInputError
 from adaptr.interfaces import AdapterManifest, LoraModule, MergeStrategy, ModelManifest
 from adaptr.ops.merge_tensor import DenseDelta, LoraFactors, TensorMergeOp, merge_tensor
-from adaptr.ops.reference import make_generator
+from adaptr.ops.reference import tensor_seed
 
 WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 _FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
@@ -284,7 +284,7 @@ def _tensor_op(
         strategy=strategy,
         params=params,
         # Seeded by (merge seed, tensor, adapter position): masks do not depend on order or threads.
-        generators=[make_generator(seed, t.name, i) for i in idx],
+        seeds=[tensor_seed(seed, t.name, i) for i in idx],
         out_dtype=out_dtype,
         dora_magnitude=magnitude,
         dora_rows_are_dim0=rows_dim0,

@@ -141,7 +141,9 @@ class MergeStrategy(Protocol):
     """Combines per-adapter weight deltas of one tensor into one delta.
 
     ``merge`` receives fp32 deltas ΔW_i (already scaled by each adapter's alpha/r), the
-    per-adapter weights and the resolved parameters, and returns the merged fp32 delta.
+    per-adapter weights, the resolved parameters and one Philox key per delta (derived from
+    the merge seed, the tensor name and the adapter's position), and returns the merged
+    fp32 delta. Random steps must draw from those keys so results are reproducible.
     """
 
     name: str
@@ -158,7 +160,7 @@ class MergeStrategy(Protocol):
         weights: list[float],
         params: dict[str, Any],
         *,
-        generators: list[torch.Generator],
+        seeds: list[int],
     ) -> torch.Tensor: ...
 
 

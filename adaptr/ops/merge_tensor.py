@@ -46,7 +46,7 @@ class DenseDelta:
 class TensorMergeOp:
     """Everything needed to produce one merged tensor.
 
-    ``contributions[i]`` and ``weights[i]`` and ``generators[i]`` belong to the i-th
+    ``contributions[i]``, ``weights[i]`` and ``seeds[i]`` (a Philox key) belong to the i-th
     adapter that touches this tensor (adapters that do not are left out).
     """
 
@@ -56,7 +56,7 @@ class TensorMergeOp:
     weights: list[float]
     strategy: str
     params: dict[str, Any]
-    generators: list[torch.Generator]
+    seeds: list[int]
     out_dtype: torch.dtype
     dora_magnitude: torch.Tensor | None = None
     dora_rows_are_dim0: bool = True  # False when the weight is stored [in, out] (fan_in_fan_out)
@@ -75,7 +75,7 @@ def apply_dora(weight: torch.Tensor, magnitude: torch.Tensor, rows_are_dim0: boo
 def merge_tensor(op: TensorMergeOp, strategy: MergeStrategy) -> torch.Tensor:
     """Reference: fp32 deltas → strategy → + base in fp32 → (DoRA) → one cast to the output dtype."""
     deltas = [c.delta() for c in op.contributions]
-    merged = strategy.merge(deltas, op.weights, op.params, generators=op.generators)
+    merged = strategy.merge(deltas, op.weights, op.params, seeds=op.seeds)
     del deltas
     if merged.shape != op.base.shape:
         merged = merged.reshape(op.base.shape)

@@ -445,6 +445,21 @@ def _drop_chunked(x: Tensor, density: float, generator: torch.Generator | None) 
     return out.view(x.shape)
 
 
+def _drop_philox(x: Tensor, density: float, seed: int) -> Tensor:
+    """``x`` times the Philox keep mask, chunk by chunk (no full-size mask or counter tensor)."""
+    from adaptr.ops.philox import CHUNK, keep_mask_into
+
+    flat = x.reshape(-1)
+    out = torch.empty_like(flat)
+    n = flat.numel()
+    buf = torch.empty(min(n, CHUNK), dtype=flat.dtype, device=x.device)
+    for start in range(0, n, CHUNK):
+        size = min(CHUNK, n - start)
+        keep = keep_mask_into(buf[:size], seed, start, density)
+        torch.mul(flat[start : start + size], keep, out=out[start : start + size])
+    return out.view(x.shape)
+
+
 def random_drop(
     x: Tensor,
     density: float,
@@ -452,6 +467,7 @@ def random_drop(
     generator: torch.Generator | None = None,
     mask: Tensor | None = None,
     rescale: str | None = "density",
+    seed: int | None = None,
 ) -> Tensor:
     """DARE "drop and rescale" (arXiv 2311.03099): keep each entry with probability ``density``, rescale.
 
@@ -471,6 +487,9 @@ def random_drop(
         generator: RNG for the mask (see ``make_generator``); ``None`` uses torch's global RNG.
         mask: an explicit keep mask of ``x``'s shape (bool, or nonzero = keep); overrides ``generator``.
         rescale: ``"density"``, ``"l1"`` or ``None``.
+        seed: a Philox4x32-10 key (see ``adaptr.ops.philox``): entry ``j`` (row-major) is kept iff
+            Triton's ``tl.rand(seed, j) < float32(density)``. This is what the merge engine uses, so masks
+            are bit-identical on any device, thread count or tensor order; overrides ``generator``.
 
     Returns:
         ``x`` itself when ``density >= 1``; a zero tensor (never NaN) when ``density <= 0``; otherwise a
@@ -486,7 +505,9 @@ def random_drop(
         return x
     if d <= 0 or x.numel() == 0:
         return torch.zeros_like(x)
-    if mask is None:
+    if mask is None and seed is not None:
+        kept = _drop_philox(x, d, seed)
+    elif mask is None:
         kept = _drop_chunked(x, d, generator)
     else:
         if mask.shape != x.shape:

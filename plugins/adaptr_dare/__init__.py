@@ -17,16 +17,14 @@ NORMALIZE = ParamDef("normalize", bool, False, "Divide the sum by the sum of the
 _RESCALES = {"density": "density", "l1": "l1", "none": None}
 
 
-def _drop(deltas, params, generators):
+def _drop(deltas, params, seeds):
     from adaptr.errors import InvalidInputError
     from adaptr.ops.reference import random_drop
 
     if params["rescale"] not in _RESCALES:
         raise InvalidInputError(f"rescale must be one of density, l1, none; got {params['rescale']!r}")
     rescale = _RESCALES[params["rescale"]]
-    return [
-        random_drop(d, params["density"], generator=g, rescale=rescale) for d, g in zip(deltas, generators)
-    ]
+    return [random_drop(d, params["density"], seed=k, rescale=rescale) for d, k in zip(deltas, seeds)]
 
 
 class DareLinear:
@@ -40,10 +38,10 @@ class DareLinear:
     allows_negative_weights = True
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):
+    def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import weighted_sum
 
-        out = weighted_sum(_drop(deltas, params, generators), weights, normalize=bool(params["normalize"]))
+        out = weighted_sum(_drop(deltas, params, seeds), weights, normalize=bool(params["normalize"]))
         return out if params["lambda"] == 1.0 else out.mul_(params["lambda"])
 
 
@@ -58,10 +56,10 @@ class DareTies:
     allows_negative_weights = False
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):
+    def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import ties_merge
 
-        return ties_merge(_drop(deltas, params, generators), weights, lam=params["lambda"], trim=False)
+        return ties_merge(_drop(deltas, params, seeds), weights, lam=params["lambda"], trim=False)
 
 
 @hookimpl

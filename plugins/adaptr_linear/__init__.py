@@ -31,7 +31,7 @@ class Simple:
     max_adapters = 1
     supports_dora = True
 
-    def merge(self, deltas, weights, params, *, generators):
+    def merge(self, deltas, weights, params, *, seeds):
         (delta,), (w,) = deltas, weights
         return delta if w == 1.0 else delta.mul_(w)
 
@@ -47,7 +47,7 @@ class Linear:
     allows_negative_weights = True
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):
+    def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import weighted_sum
 
         return weighted_sum(deltas, weights, normalize=bool(params["normalize"]))
@@ -64,7 +64,7 @@ class TaskArithmetic:
     allows_negative_weights = True
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):
+    def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import weighted_sum
 
         return scale(weighted_sum(deltas, weights, normalize=bool(params["normalize"])), params["lambda"])

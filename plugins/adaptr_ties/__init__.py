@@ -20,7 +20,7 @@ class Ties:
     allows_negative_weights = False
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):
+    def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import ties_merge
 
         return ties_merge(deltas, weights, density=params["density"], lam=params["lambda"])
@@ -37,7 +37,7 @@ class MagnitudePrune:
     allows_negative_weights = True
     max_adapters = None
 
-    def merge(self, deltas, weights, params, *, generators):
+    def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import trim_by_magnitude, weighted_sum
 
         trimmed = [trim_by_magnitude(d, params["density"]) for d in deltas]

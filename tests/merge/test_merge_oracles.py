@@ -543,11 +543,24 @@ def test_magnitude_prune_matches_peft_merge_utils(cli, multi):
 
 
 def _our_masks(seed: int, density: float):
-    """The masks adaptr draws: keyed on (seed, output tensor name, adapter position)."""
-    from adaptr.ops.reference import bernoulli_mask, make_generator
+    """The keep masks adaptr draws, keyed on (seed, output tensor name, adapter position).
+
+    Only the mask is taken from adaptr (the oracle is handed the same mask); it is read off
+    ``random_drop`` applied to ones, keyed exactly as the engine keys it (a Philox seed per tensor and
+    adapter, or a seeded torch generator in builds without the counter-based generator).
+    """
+    from dataclasses import fields
+
+    from adaptr.ops import reference as ref
+    from adaptr.ops.merge_tensor import TensorMergeOp
+
+    philox = "seeds" in {f.name for f in fields(TensorMergeOp)}
 
     def mask(name: str, i: int, shape) -> torch.Tensor:
-        return bernoulli_mask(shape, density, generator=make_generator(seed, name, i))
+        if philox:
+            ones = torch.ones(tuple(shape), dtype=torch.float32)
+            return ref.random_drop(ones, density, seed=ref.tensor_seed(seed, name, i), rescale=None) != 0
+        return ref.bernoulli_mask(shape, density, generator=ref.make_generator(seed, name, i))
 
     return mask
 
