@@ -54,9 +54,9 @@ def check_adapter_fits(adapter: AdapterManifest, base: ModelManifest, base_name:
             )
         if m.magnitude_key:
             mag = adapter.tensors[m.magnitude_key].shape
-            if mag != [m.delta_shape[0]]:
+            if mag != [m.b_shape[0]]:  # one magnitude per output feature, whatever the storage layout
                 raise IncompatibleAdapterError(
-                    f"module {m.module}: DoRA magnitude has shape {mag}, expected [{m.delta_shape[0]}]"
+                    f"module {m.module}: DoRA magnitude has shape {mag}, expected [{m.b_shape[0]}]"
                 )
         if m.bias_key:
             bias = adapter.tensors[m.bias_key].shape

@@ -218,7 +218,7 @@ def execute(
         writer = stack.enter_context(
             StreamingShardWriter(dest, specs, max_shard_size=max_shard_size, check_space=False)
         )
-        for t in plan.tensors:
+        for number, t in enumerate(plan.tensors, 1):
             out_dtype = torch_dtype(t.code)
             if t.replacement is not None:
                 i, key = t.replacement
@@ -237,7 +237,7 @@ def execute(
                 src = base.get(t.source)
                 value = src if src.dtype == out_dtype else src.to(out_dtype)
             writer.write(t.name, value)
-            progress(value.numel() * value.element_size())
+            progress(value.numel() * value.element_size(), f"{number}/{len(plan.tensors)} tensors")
             del value
     hashes = dict(writer.sha256)
     if writer.index_path is not None:

@@ -74,6 +74,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def tree_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb+") as f:
         os.fsync(f.fileno())
@@ -89,7 +105,7 @@ class Store:
     def staging(self) -> Path:
         """A fresh folder to write an artifact's files into before ``commit``."""
         self.tmp.mkdir(parents=True, exist_ok=True)
-        path = self.tmp / uuid.uuid4().hex
+        path = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}"  # the pid lets gc tell live work from leftovers
         path.mkdir()
         return path
 
@@ -114,7 +130,7 @@ class Store:
         final = self.artifact_dir(name, version)
         if final.exists():  # left by a crash before its catalog row was committed
             shutil.rmtree(final)
-        building = self.tmp / f"{uuid.uuid4().hex}.dir"
+        building = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}.dir"
         entries: list[FileEntry] = []
         created: list[Path] = []  # objects this commit added, removed again if it does not finish
         placed = False
@@ -153,6 +169,17 @@ class Store:
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return final, entries
+
+    def leftovers(self) -> list[Path]:
+        """Staging folders of processes that no longer run (killed merges, crashes)."""
+        if not self.tmp.is_dir():
+            return []
+        out = []
+        for p in sorted(self.tmp.iterdir()):
+            pid = p.name.split("-", 1)[0]
+            if not pid.isdigit() or not _alive(int(pid)):
+                out.append(p)
+        return out
 
     def discard(self, name: str, version: int, orphaned: Iterable[str]) -> None:
         """Remove an artifact folder and the objects no other artifact references."""

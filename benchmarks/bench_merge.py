@@ -78,7 +78,9 @@ def run(label: str, cmd: list[str], env: dict[str, str] | None = None) -> dict:
         while not stop.is_set():
             pids = [proc.pid]
             try:
-                pids += [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+                pids += [
+                    int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+                ]
             except OSError:
                 pass
             total = {"VmRSS": 0, "RssAnon": 0}

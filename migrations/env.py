@@ -12,7 +12,7 @@ config = context.config
 target_metadata = SQLModel.metadata
 
 
-def _configure(connection) -> None:  # noqa: ANN001
+def _configure(connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
@@ -22,8 +22,9 @@ def _configure(connection) -> None:  # noqa: ANN001
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata,
-                      literal_binds=True)
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata, literal_binds=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 
@@ -35,8 +36,9 @@ def run_migrations_online() -> None:
         with context.begin_transaction():
             context.run_migrations()
         return
-    engine = engine_from_config(config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.",
-                                poolclass=pool.NullPool)
+    engine = engine_from_config(
+        config.get_section(config.config_ini_section, {}), prefix="sqlalchemy.", poolclass=pool.NullPool
+    )
     with engine.connect() as conn:
         _configure(conn)
         with context.begin_transaction():

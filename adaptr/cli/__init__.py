@@ -7,6 +7,7 @@ stderr and its exit code (0 ok, 1 failed, 2 invalid input, 3 verification failed
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -29,6 +30,12 @@ class AdaptrGroup(TyperGroup):
             raise _fail(str(e), e.exit_code) from None
         except KeyboardInterrupt:
             raise _fail("interrupted; nothing was registered", 130) from None
+        except OSError as e:  # disk full, permissions: the OS says what is wrong
+            if os.environ.get("ADAPTR_DEBUG"):
+                raise
+            raise _fail(
+                f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}; nothing was registered", 1
+            ) from None
         except typer.Abort:
             raise _fail("aborted", 1) from None
 
@@ -57,7 +64,21 @@ def build_app() -> typer.Typer:
     return app
 
 
+def _notes_to_stderr() -> None:
+    """Service warnings (e.g. "embeddings were untied") reach the user as one line on stderr."""
+    import logging
+
+    logger = logging.getLogger("adaptr")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
+    _notes_to_stderr()
     try:
         app = build_app()
     except AdaptrError as e:

@@ -131,6 +131,25 @@ def verify(
         )
 
 
+def gc(
+    dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be removed."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Remove leftovers of killed processes and files no artifact references."""
+    from adaptr.cli.output import human_size
+
+    report = catalog().gc(dry_run=dry_run)
+    if json:
+        emit_json(report)
+        return
+    verb = "would remove" if dry_run else "removed"
+    r = report["removed"]
+    typer.echo(
+        f"{verb} {len(r['staging'])} staging folder(s), {len(r['artifacts'])} unregistered artifact folder(s), "
+        f"{len(r['objects'])} unreferenced object(s); {human_size(report['freed_bytes'])}"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    for fn in (init, ls, show, lineage, rm, verify):
+    for fn in (init, ls, show, lineage, rm, verify, gc):
         app.command()(fn)

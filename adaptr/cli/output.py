@@ -51,7 +51,7 @@ class RichProgress:
     @contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         if not self.console.is_terminal:
-            yield lambda n: None
+            yield lambda n, detail=None: None
             return
         from rich.progress import (
             BarColumn,
@@ -65,13 +65,21 @@ class RichProgress:
         columns = [
             TextColumn("{task.description}"),
             BarColumn(),
+            TextColumn("{task.fields[detail]}"),
             DownloadColumn(),
             TransferSpeedColumn(),
             TimeRemainingColumn(),
         ]
         with Progress(*columns, console=self.console, transient=True) as p:
-            tid = p.add_task(description, total=total)
-            yield lambda n: p.advance(tid, n)
+            tid = p.add_task(description, total=total, detail="")
+
+            def advance(n: int, detail: str | None = None) -> None:
+                if detail is None:
+                    p.advance(tid, n)
+                else:
+                    p.update(tid, advance=n, detail=detail)
+
+            yield advance
 
 
 def catalog():

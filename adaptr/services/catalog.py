@@ -281,7 +281,7 @@ class Catalog:
                             parent_id=p.artifact.id,
                             child_id=art.id,
                             operation=p.operation,
-                            params=p.params,
+                            params={**p.params, "output_hash": art.content_hash},
                             plugin=p.plugin,
                             plugin_version=p.plugin_version,
                             seed=p.seed,
@@ -521,6 +521,46 @@ class Catalog:
             for sha in orphans:
                 self.store.object_path(sha).unlink(missing_ok=True)
         return sorted(removed)
+
+    def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
+        """Remove what no catalog row owns: staging folders of dead processes, unregistered
+        artifact folders and unreferenced objects. Never touches linked (user-owned) files."""
+        import shutil as _shutil
+
+        from adaptr.store import tree_size
+
+        removed: dict[str, list[str]] = {"staging": [], "artifacts": [], "objects": []}
+        freed = 0
+        with self.session() as s:
+            for p in self.store.leftovers():
+                removed["staging"].append(p.name)
+                freed += tree_size(p)
+                if not dry_run:
+                    _shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            stored = {
+                (a.name, str(a.version)) for a in s.exec(select(Artifact).where(Artifact.storage == "store"))
+            }
+            if self.store.artifacts.is_dir():
+                for name_dir in sorted(self.store.artifacts.iterdir()):
+                    for vdir in sorted(name_dir.iterdir()) if name_dir.is_dir() else []:
+                        if (name_dir.name, vdir.name) not in stored:
+                            removed["artifacts"].append(f"{name_dir.name}@{vdir.name}")
+                            freed += tree_size(vdir)
+                            if not dry_run:
+                                _shutil.rmtree(vdir, ignore_errors=True)
+                    if not dry_run and name_dir.is_dir() and not any(name_dir.iterdir()):
+                        name_dir.rmdir()
+            used = set(
+                s.exec(select(ArtifactFile.sha256).join(Artifact).where(Artifact.storage == "store")).all()
+            )
+            if self.store.objects.is_dir():
+                for obj in sorted(self.store.objects.glob("*/*")):
+                    if obj.name not in used:
+                        removed["objects"].append(obj.name)
+                        freed += obj.stat().st_size
+                        if not dry_run:
+                            obj.unlink(missing_ok=True)
+        return {"removed": removed, "freed_bytes": freed, "dry_run": dry_run}
 
     def count(self) -> int:
         with self.session() as s:

@@ -5,6 +5,7 @@ Front ends (CLI, REST, pipelines, Python) build a ``MergeSpec`` and call ``merge
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from adaptr.interfaces import AdapterManifest, ModelManifest
 from adaptr.plugins import get_host, get_registry
 from adaptr.services.catalog import Catalog, Parent
 from adaptr.specs import MergeSpec, validate_spec
+
+log = logging.getLogger("adaptr")
 
 # Flags whose adapters cannot be merged into the plain base they were registered on.
 _REFUSED_FLAGS = {
@@ -117,6 +120,13 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         mts_from = matches[0]
 
     plan = engine.plan_merge(base_manifest, inputs, dtype=spec.dtype, modules_to_save_from=mts_from)
+    if plan.untied:
+        log.warning(
+            "an adapter changes the tied input embedding/lm_head of %s: writing %s separately and setting "
+            "tie_word_embeddings=false in the merged config",
+            base_ref,
+            plan.untied,
+        )
     ensure_space(
         catalog.store.root if catalog.store.root.exists() else catalog.store.root.parent,
         int(plan.output_bytes * 1.01) + (1 << 20),

@@ -202,16 +202,9 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_gpt2_base(tmp_path_factory.mktemp("gpt2") / "base", seed=2)
 
 
-_DORA_CONV1D = pytest.mark.xfail(
-    strict=True,
-    reason="compat.check_adapter_fits expects the DoRA magnitude to have delta_shape[0] entries, "
-    "which is in_features for fan_in_fan_out; PEFT's magnitude has out_features entries",
-)
-
-
 @pytest.mark.parametrize(
     "variant",
-    ["fan_in_fan_out", "fan_in_fan_out+lora_bias", pytest.param("fan_in_fan_out+dora", marks=_DORA_CONV1D)],
+    ["fan_in_fan_out", "fan_in_fan_out+lora_bias", "fan_in_fan_out+dora"],
 )
 def test_simple_gpt2_conv1d_matches_peft(cli, gpt2, tmp_path, variant):
     lora_bias = "lora_bias" in variant
