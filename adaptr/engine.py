@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +60,6 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
-        import math
-
         return sum(math.prod(t.shape) * _CODE_BYTES.get(t.code, 1) for t in self.tensors)
 
 
@@ -209,42 +210,118 @@ def execute(
 
     specs = [(t.name, t.code, tuple(t.shape)) for t in plan.tensors]
     weights = open_weights(base_path)
-    with contextlib.ExitStack() as stack:
-        base = stack.enter_context(weights.reader())
-        files = [
-            stack.enter_context(safe_open(str(a.path / a.manifest.weights_file), framework="pt"))
-            for a in adapters
-        ]
-        writer = stack.enter_context(
-            StreamingShardWriter(dest, specs, max_shard_size=max_shard_size, check_space=False)
-        )
-        for number, t in enumerate(plan.tensors, 1):
-            out_dtype = torch_dtype(t.code)
-            if t.replacement is not None:
-                i, key = t.replacement
-                value = files[i].get_tensor(key).to(out_dtype)
-            elif t.lora or t.bias:
-                op = _tensor_op(
-                    t, base.get(t.source), files, adapters, strategy.name, params, seed, out_dtype
+    workers = merge_workers()
+    # Tensors are merged concurrently only while their estimated working memory fits in
+    # 6x the largest output tensor (the writer may hold 2x more): memory never grows with
+    # model size. One tensor is always admitted, whatever its estimate.
+    budget = 6 * max((math.prod(t.shape) * _CODE_BYTES.get(t.code, 1) for t in plan.tensors), default=0)
+
+    def produce(t: OutputTensor, job: Any) -> torch.Tensor:
+        out_dtype = torch_dtype(t.code)
+        if isinstance(job, TensorMergeOp):
+            value = kernel_for(str(job.base.device), out_dtype)(job)
+            if not torch.isfinite(value).all():
+                raise InvalidInputError(
+                    f"merging produced NaN/Inf in {t.name}; check the adapters' weights and the strategy "
+                    "parameters"
                 )
-                value = kernel_for(str(op.base.device), out_dtype)(op)
-                if not torch.isfinite(value).all():
-                    raise InvalidInputError(
-                        f"merging produced NaN/Inf in {t.name}; check the adapters' weights and the strategy "
-                        "parameters"
-                    )
-            else:
-                src = base.get(t.source)
-                value = src if src.dtype == out_dtype else src.to(out_dtype)
-            writer.write(t.name, value)
-            progress(value.numel() * value.element_size(), f"{number}/{len(plan.tensors)} tensors")
-            del value
+            return value
+        return job if job.dtype == out_dtype else job.to(out_dtype)
+
+    _return_freed_memory()
+    previous_threads = torch.get_num_threads()
+    if workers > 1:
+        # Parallel across tensors, one thread per op: torch's intra-op threads stall badly when
+        # the writer and hasher threads hold a core, independent tensors do not.
+        torch.set_num_threads(1)
+    try:
+        with contextlib.ExitStack() as stack:
+            base = stack.enter_context(weights.reader())
+            files = [
+                stack.enter_context(safe_open(str(a.path / a.manifest.weights_file), framework="pt"))
+                for a in adapters
+            ]
+            writer = stack.enter_context(
+                StreamingShardWriter(dest, specs, max_shard_size=max_shard_size, check_space=False)
+            )
+            pool = stack.enter_context(
+                ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaptr-merge")
+            )
+            window: deque[tuple[OutputTensor, Future, int]] = deque()
+            in_flight = 0
+            done = 0
+
+            def flush_oldest() -> None:
+                nonlocal in_flight, done
+                t, fut, est = window.popleft()
+                value = fut.result()
+                in_flight -= est
+                writer.write(t.name, value)
+                done += 1
+                progress(value.numel() * value.element_size(), f"{done}/{len(plan.tensors)} tensors")
+
+            try:
+                for t in plan.tensors:
+                    est = _working_bytes(t)
+                    while window and (len(window) >= workers or in_flight + est > budget):
+                        flush_oldest()
+                    # Reads happen here, on one thread (readers are not thread-safe); they are
+                    # zero-copy memory-map views, so only the arithmetic runs on the workers.
+                    if t.replacement is not None:
+                        i, key = t.replacement
+                        job: Any = files[i].get_tensor(key)
+                    elif t.lora or t.bias:
+                        job = _tensor_op(
+                            t,
+                            base.get(t.source),
+                            files,
+                            adapters,
+                            strategy.name,
+                            params,
+                            seed,
+                            torch_dtype(t.code),
+                        )
+                    else:
+                        job = base.get(t.source)
+                    window.append((t, pool.submit(produce, t, job), est))
+                    in_flight += est
+                while window:
+                    flush_oldest()
+            except BaseException:
+                for _, fut, _ in window:
+                    fut.cancel()
+                raise
+    finally:
+        torch.set_num_threads(previous_threads)
     hashes = dict(writer.sha256)
     if writer.index_path is not None:
         from adaptr.store import sha256_file
 
         hashes[writer.index_path.name] = sha256_file(writer.index_path)
     return hashes
+
+
+def merge_workers() -> int:
+    """Tensors merged at once: ``ADAPTR_MERGE_WORKERS``, default one per CPU core."""
+    import os
+
+    value = os.environ.get("ADAPTR_MERGE_WORKERS")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise InvalidInputError(f"ADAPTR_MERGE_WORKERS={value!r}: expected a whole number") from None
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _working_bytes(t: OutputTensor) -> int:
+    """Anonymous memory one tensor's merge needs: fp32 deltas (DARE keeps a dropped copy too),
+    the fp32 result and the cast output; copies need the tensor twice at most."""
+    n = math.prod(t.shape)
+    contributions = len(t.lora) + len(t.bias)
+    if contributions:
+        return n * 4 * (2 * contributions + 2)
+    return n * _CODE_BYTES.get(t.code, 1) * 2
 
 
 def _tensor_op(
@@ -289,3 +366,23 @@ def _tensor_op(
         dora_magnitude=magnitude,
         dora_rows_are_dim0=rows_dim0,
     )
+
+
+def _return_freed_memory() -> None:
+    """Make glibc hand large freed buffers back to the OS at once.
+
+    Worker threads get their own malloc arenas, and glibc's adaptive mmap threshold would
+    otherwise keep recently freed multi-MB tensors inside them: resident memory would then
+    track the sum of per-thread high-water marks instead of what is live.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: allocations >= 1 MiB are mmapped, freed to the OS
+    except (OSError, AttributeError):
+        pass

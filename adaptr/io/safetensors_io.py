@@ -34,6 +34,7 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"  # huggingface_hub MAX_SHARD_SIZE; keeps shards f
 METADATA_KEY = "__metadata__"
 _FIX = "re-download or re-export it"
 _IN_FLIGHT_TENSORS = 2  # finished tensors the I/O thread may hold: memory stays a multiple of the largest
+_SYNC_EVERY = 256 * 1024 * 1024
 _WRITE_CHUNK = 64 * 1024 * 1024  # progress granularity for big tensors; also bounds a single write() call
 _FINITE_CHUNK = 64 * 1024 * 1024  # elements per isfinite() pass: bounds the temporary bool mask
 
@@ -546,11 +547,6 @@ def _header_bytes(entries: Sequence[_Planned], metadata: Mapping[str, str] | Non
 _WEIGHT_FILE_RE = r"{p}\.safetensors|{p}\.safetensors\.index\.json|{p}-\d{{5}}-of-\d{{5}}\.safetensors"
 
 
-def _write_chunk(f: IO[bytes], h: Any, chunk: memoryview) -> None:
-    f.write(chunk)
-    h.update(chunk)
-
-
 def _close_synced(f: IO[bytes]) -> None:
     f.flush()
     os.fsync(f.fileno())
@@ -628,6 +624,7 @@ class StreamingShardWriter:
         self._pending: list[tuple[Any, int]] = []
         self._hashers: dict[int, Any] = {}
         self.sha256: dict[str, str] = {}  # final file name -> sha256, filled on success
+        self._unsynced = 0  # bytes written since the last fdatasync (writer thread only)
         self._in_flight = _IN_FLIGHT_TENSORS * max((e.nbytes for e in self._order), default=0)
         self._open: dict[int, IO[bytes]] = {}
         self._temps: dict[int, Path] = {}
@@ -699,7 +696,7 @@ class StreamingShardWriter:
             h = self._hashers[entry.shard]
             for i in range(0, entry.nbytes, _WRITE_CHUNK):
                 chunk = view[i : i + _WRITE_CHUNK]
-                self._submit(_write_chunk, f, h, chunk, size=len(chunk))
+                self._submit((self._write_chunk, f, chunk), (h.update, chunk), size=len(chunk))
                 if self._progress is not None:
                     self._progress(len(chunk))
         self._next += 1
@@ -723,34 +720,60 @@ class StreamingShardWriter:
             self._hashers[shard] = hashlib.sha256(self._headers[shard])
         return f
 
-    def _submit(self, fn: Callable[..., None], *args: Any, size: int = 0) -> None:
+    def _write_chunk(self, f: IO[bytes], chunk: memoryview) -> None:
+        """Write, and push dirty pages to disk every ``_SYNC_EVERY`` bytes so the final fsync
+        is short: the disk works while the next tensors are computed, not after them."""
+        f.write(chunk)
+        self._unsynced += len(chunk)
+        if self._unsynced >= _SYNC_EVERY:
+            f.flush()
+            os.fdatasync(f.fileno())
+            self._unsynced = 0
+
+    def _submit(self, write: tuple[Any, ...], hash_: tuple[Any, ...] | None = None, *, size: int = 0) -> None:
+        """Queue a write (and the matching hash update) on the two I/O threads, in order.
+
+        Writing and hashing run on separate threads (both release the GIL), so sha256 costs no
+        extra wall time on a disk-bound merge; ``size`` bytes stay referenced until both finish.
+        """
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptr-writer")
-        self._pending.append((self._pool.submit(fn, *args), size))
+            self._pool = (
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptr-writer"),
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptr-hasher"),
+            )
+        futures = [self._pool[0].submit(*write)]
+        if hash_ is not None:
+            futures.append(self._pool[1].submit(*hash_))
+        self._pending.append((futures, size))
         while sum(n for _, n in self._pending) > self._in_flight:
-            self._pending.pop(0)[0].result()
-        while self._pending and self._pending[0][0].done():
-            self._pending.pop(0)[0].result()
+            for fut in self._pending.pop(0)[0]:
+                fut.result()
+        while self._pending and all(f.done() for f in self._pending[0][0]):
+            for fut in self._pending.pop(0)[0]:
+                fut.result()
 
     def _drain(self, *, raise_errors: bool = True) -> None:
         pending, self._pending = self._pending, []
-        for fut, _ in pending:
-            try:
-                fut.result()
-            except BaseException:
-                if raise_errors:
-                    self._pending = []
-                    raise
+        error: BaseException | None = None
+        for futures, _ in pending:
+            for fut in futures:
+                try:
+                    fut.result()
+                except BaseException as e:
+                    error = error or e
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            for pool in self._pool:
+                pool.shutdown(wait=True)
             self._pool = None
+        if error is not None and raise_errors:
+            raise error
 
     def _finish(self, shard: int) -> None:
         f = self._file(shard)  # opens (and writes the header of) a shard with no tensors
         del self._open[shard]
-        self._submit(_close_synced, f)
+        self._submit((_close_synced, f))
 
     def commit(self) -> None:
         """Rename temp files into place; refuses (and cleans up) if any planned tensor was not written."""

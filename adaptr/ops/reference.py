@@ -54,7 +54,7 @@ _SELECT_CHUNK = 1 << 21
 # Below this many elements a plain ``kthvalue`` is as fast as the radix select.
 _SELECT_SMALL = 1 << 16
 # Elements per chunk of the fused TIES merge: a handful of 1 MiB buffers stay in L2.
-_MERGE_CHUNK = 1 << 18
+_MERGE_CHUNK = 1 << 16
 # Elements per chunk of Bernoulli mask generation.
 _MASK_CHUNK = 1 << 20
 # Number of buckets of the first radix pass: the top 16 bits of a non-negative float32 (sign bit clear).

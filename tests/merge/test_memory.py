@@ -49,13 +49,14 @@ adaptr.cli.build_app()
 get_host()
 if os.environ.get("MEMTEST_DISK_BYTES_PER_S"):  # simulate a slow disk under the shard writer
     rate = float(os.environ["MEMTEST_DISK_BYTES_PER_S"])
-    real_write = adaptr.io.safetensors_io._write_chunk
+    Writer = adaptr.io.safetensors_io.StreamingShardWriter
+    real_write = Writer._write_chunk
 
-    def slow_write(f, h, chunk):
+    def slow_write(self, f, chunk):
         time.sleep(len(chunk) / rate)
-        real_write(f, h, chunk)
+        real_write(self, f, chunk)
 
-    adaptr.io.safetensors_io._write_chunk = slow_write
+    Writer._write_chunk = slow_write
 x = torch.randn(256, 256)  # start torch's thread pool and allocator
 (x @ x).abs().sum()
 del x

@@ -335,7 +335,7 @@ def test_ctrl_c_mid_merge_registers_nothing(cli, demo_set, adaptr_home, monkeypa
         code=130,
         says=("interrupted",),
     )
-    assert len(calls) == 4
+    assert 4 <= len(calls) <= 4 + 2  # merge workers may have started the next tensor already
     monkeypatch.setattr(ref, "ties_merge", real)
     ok_json(cli, "merge", *THREE, "--strategy", "ties", "--name", "m")  # the name is still free
 
