@@ -279,6 +279,7 @@ def main() -> None:
     ws = open_weights(base)
     params = {"total_parameters": ws.num_parameters, "total_size": ws.total_bytes}
     write_report(Path(args.out), results, info, params, shape, args.density)
+    (work / "results.json").write_text(__import__("json").dumps({"results": results, "machine": info}, indent=2))
     shutil.rmtree(outs, ignore_errors=True)
 
 

@@ -176,12 +176,33 @@ def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, *, transpose: boo
         raise InvalidInputError("transpose applies only to 2-D LoRA factors")
     a = lora_A.float().reshape(rank, -1)
     b = lora_B.float().reshape(lora_B.shape[0], rank) * scale
-    if transpose:
-        return a.t() @ b.t()
-    delta = b @ a
+    left, right = (a.t(), b.t()) if transpose else (b, a)
+    delta = torch.empty((left.shape[0], right.shape[1]), dtype=torch.float32, device=left.device)
+    # Row blocks, always the same ones (``delta_block_rows``): block-wise consumers reproduce
+    # this product bit for bit, whatever BLAS would do with one big matmul.
+    step = delta_block_rows(right.shape[1])
+    for r0 in range(0, left.shape[0], step):
+        torch.matmul(left[r0 : r0 + step], right, out=delta[r0 : r0 + step])
     if lora_A.dim() > 2:
         delta = delta.reshape(lora_B.shape[0], *lora_A.shape[1:])
     return delta
+
+
+def delta_block_rows(columns: int) -> int:
+    """Rows per block of a delta with ``columns`` columns: about 64K elements, cache sized."""
+    return max(1, (1 << 16) // max(1, columns))
+
+
+def lora_delta_rows(
+    lora_A: Tensor, lora_B: Tensor, scaling: float, r0: int, r1: int, *, transpose: bool = False
+) -> Tensor:
+    """Rows ``r0:r1`` of ``lora_delta(...)``, bit-identical to them when ``r0:r1`` is one of its
+    blocks (``delta_block_rows``); 2-D factors only."""
+    scale = _check_density(scaling, "scaling")
+    a = lora_A.float()
+    b = lora_B.float() * scale
+    left, right = (a.t(), b.t()) if transpose else (b, a)
+    return left[r0:r1] @ right
 
 
 # ---------------------------------------------------------------------------------------------------------

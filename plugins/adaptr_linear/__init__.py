@@ -30,6 +30,7 @@ class Simple:
     allows_negative_weights = True
     max_adapters = 1
     supports_dora = True
+    elementwise = True  # each output entry depends only on the same entry of the deltas
 
     def merge(self, deltas, weights, params, *, seeds):
         (delta,), (w,) = deltas, weights
@@ -46,6 +47,7 @@ class Linear:
     params = (NORMALIZE,)
     allows_negative_weights = True
     max_adapters = None
+    elementwise = True
 
     def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import weighted_sum
@@ -63,6 +65,7 @@ class TaskArithmetic:
     params = (LAMBDA, NORMALIZE)
     allows_negative_weights = True
     max_adapters = None
+    elementwise = True
 
     def merge(self, deltas, weights, params, *, seeds):
         from adaptr.ops.reference import weighted_sum
