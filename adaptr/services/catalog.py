@@ -328,6 +328,16 @@ class Catalog:
         names = ", ".join(r.name for r in readers) or "none (all reader plugins are disabled)"
         raise InvalidInputError(f"{path}: no {kind} reader understands this folder; readers: {names}")
 
+    def _stage(self, reader: Any, path: Path) -> Path:
+        """The reader's canonical files for ``path``, in a fresh staging folder."""
+        staged = self.store.staging()
+        try:
+            reader.canonical_files(path, staged)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return staged
+
     def add_base(
         self,
         path: str | Path,
@@ -361,13 +371,7 @@ class Catalog:
             name=name, kind="base", new_version=new_version, manifest=m.to_dict(), meta=meta, tags=tags
         )
         if copy:
-            staged = self.store.staging()
-            try:
-                reader.canonical_files(path, staged)
-            except BaseException:
-                shutil.rmtree(staged, ignore_errors=True)
-                raise
-            return self.record(staged=staged, **common)
+            return self.record(staged=self._stage(reader, path), **common)
         return self.record(linked=path, linked_files=list_files(path), **common)
 
     def add_adapter(
@@ -419,12 +423,7 @@ class Catalog:
             "scaling": {k: v.scaling for k, v in m.modules.items()},
             "source": str(path.resolve()),
         }
-        staged = self.store.staging()
-        try:
-            reader.canonical_files(path, staged)
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
+        staged = self._stage(reader, path)
         plugin = get_registry("reader").plugin_of(reader.name)
         parent = Parent(
             base_art, "finetune", {"reader": reader.name}, plugin, get_host().plugin_version(plugin)
@@ -525,8 +524,6 @@ class Catalog:
     def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
         """Remove what no catalog row owns: staging folders of dead processes, unregistered
         artifact folders and unreferenced objects. Never touches linked (user-owned) files."""
-        import shutil as _shutil
-
         from adaptr.store import tree_size
 
         removed: dict[str, list[str]] = {"staging": [], "artifacts": [], "objects": []}
@@ -536,7 +533,7 @@ class Catalog:
                 removed["staging"].append(p.name)
                 freed += tree_size(p)
                 if not dry_run:
-                    _shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
             stored = {
                 (a.name, str(a.version)) for a in s.exec(select(Artifact).where(Artifact.storage == "store"))
             }
@@ -547,7 +544,7 @@ class Catalog:
                             removed["artifacts"].append(f"{name_dir.name}@{vdir.name}")
                             freed += tree_size(vdir)
                             if not dry_run:
-                                _shutil.rmtree(vdir, ignore_errors=True)
+                                shutil.rmtree(vdir, ignore_errors=True)
                     if not dry_run and name_dir.is_dir() and not any(name_dir.iterdir()):
                         name_dir.rmdir()
             used = set(
