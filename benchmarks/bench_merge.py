@@ -15,6 +15,7 @@ Usage: python benchmarks/bench_merge.py [--workdir .bench] [--small]   (--small:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shutil
@@ -279,7 +280,7 @@ def main() -> None:
     ws = open_weights(base)
     params = {"total_parameters": ws.num_parameters, "total_size": ws.total_bytes}
     write_report(Path(args.out), results, info, params, shape, args.density)
-    (work / "results.json").write_text(__import__("json").dumps({"results": results, "machine": info}, indent=2))
+    (work / "results.json").write_text(json.dumps({"results": results, "machine": info}, indent=2))
     shutil.rmtree(outs, ignore_errors=True)
 
 
