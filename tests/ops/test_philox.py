@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-triton = pytest.importorskip("triton")
-tl = triton.language
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates kernels: run them on the CPU
+import triton
+import triton.language as tl
 
-from adaptr.ops.philox import keep_mask_into, philox_randint, philox_uniform  # noqa: E402
-from adaptr.ops.reference import random_drop, tensor_seed  # noqa: E402
+from adaptr.ops.philox import keep_mask_into, philox_randint, philox_uniform
+from adaptr.ops.reference import random_drop, tensor_seed
 
 
 @triton.jit
