@@ -18,26 +18,35 @@ _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
 _SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float for 32-bit draws
-CHUNK = 1 << 18  # elements per pass: keeps the int64 temporaries in cache
+CHUNK = 1 << 14  # elements per pass: the uint32/uint64 working arrays stay in L2
 
 
 def _randint_np(seed: int, offsets: np.ndarray, n_rounds: int) -> np.ndarray:
-    # numpy: native wrapping uint32/uint64 arithmetic, far faster on the CPU than torch's int64 ops.
+    # numpy has native wrapping uint32/uint64 arithmetic (torch's int64 ops are far slower on the
+    # CPU). Each 32x32->64-bit product is viewed as (lo, hi) uint32 halves instead of shifted and
+    # masked, and the product buffers alternate so last round's halves stay valid: 6 ops a round.
     seed &= (1 << 64) - 1
     k0, k1 = seed & _M32, (seed >> 32) & _M32
     off = offsets.astype(np.uint64, copy=False)
-    c0 = off.astype(np.uint32)
-    c1 = (off >> np.uint64(32)).astype(np.uint32)
-    c2 = np.zeros_like(c0)
-    c3 = np.zeros_like(c0)
-    ra, rb, s32 = np.uint64(_ROUND_A), np.uint64(_ROUND_B), np.uint64(32)
-    for _ in range(n_rounds):
-        pb = c2.astype(np.uint64) * rb
-        pa = c0.astype(np.uint64) * ra
-        c0 = (pb >> s32).astype(np.uint32) ^ c1 ^ np.uint32(k0)
-        c2 = (pa >> s32).astype(np.uint32) ^ c3 ^ np.uint32(k1)
-        c1 = pb.astype(np.uint32)
-        c3 = pa.astype(np.uint32)
+    n = off.shape[0]
+    halves = off.view(np.uint32)  # little-endian: [lo, hi] per offset
+    c0, c1 = halves[0::2], halves[1::2]
+    c2 = np.zeros(n, dtype=np.uint32)
+    c3 = np.zeros(n, dtype=np.uint32)
+    prods = [np.empty(n, dtype=np.uint64) for _ in range(4)]
+    outs = [np.empty(n, dtype=np.uint32) for _ in range(4)]
+    ra, rb = np.uint64(_ROUND_A), np.uint64(_ROUND_B)
+    for r in range(n_rounds):
+        pb, pa = prods[2 * (r % 2)], prods[2 * (r % 2) + 1]
+        n0, n2 = outs[2 * (r % 2)], outs[2 * (r % 2) + 1]
+        np.multiply(c2, rb, out=pb)
+        np.multiply(c0, ra, out=pa)
+        b32, a32 = pb.view(np.uint32), pa.view(np.uint32)
+        np.bitwise_xor(b32[1::2], c1, out=n0)
+        n0 ^= np.uint32(k0)
+        np.bitwise_xor(a32[1::2], c3, out=n2)
+        n2 ^= np.uint32(k1)
+        c0, c1, c2, c3 = n0, b32[0::2], n2, a32[0::2]
         k0 = (k0 + _KEY_A) & _M32
         k1 = (k1 + _KEY_B) & _M32
     return c0
