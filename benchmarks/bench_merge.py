@@ -329,6 +329,9 @@ def write_report(path: Path, r: dict, info: dict, params: dict, shape: str, dens
         "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()),
         "",
     ]
+    notes = Path(__file__).with_name("analysis.md")
+    if notes.exists():  # the hand-written analysis of these numbers
+        lines += ["", notes.read_text().rstrip(), ""]
     path.write_text("\n".join(lines))
     print("\n".join(lines))
 
