@@ -51,6 +51,8 @@ __all__ = [
 # ops into an int32 buffer of 2M bin indices, then runs one ``bincount`` per 2M.
 _SELECT_SUBCHUNK = 1 << 18
 _SELECT_CHUNK = 1 << 21
+_SELECT_SUBCHUNK_1T = 1 << 16
+_SELECT_CHUNK_1T = 1 << 20
 # Below this many elements a plain ``kthvalue`` is as fast as the radix select.
 _SELECT_SMALL = 1 << 16
 # Elements per chunk of the fused TIES merge: a handful of 1 MiB buffers stay in L2.
@@ -224,8 +226,11 @@ class _Buffers:
     """Reused scratch for one selection: a cache-sized float buffer and one bincount input buffer."""
 
     def __init__(self, n: int, device: torch.device) -> None:
-        self.small = min(n, _SELECT_SUBCHUNK)
-        self.chunk = min(n, _SELECT_CHUNK)
+        # Smaller pieces suit a single intra-op thread (the merge engine's workers run that way);
+        # larger ones amortise torch's thread fan-out when ops run multi-threaded.
+        single = torch.get_num_threads() == 1
+        self.small = min(n, _SELECT_SUBCHUNK_1T if single else _SELECT_SUBCHUNK)
+        self.chunk = min(n, _SELECT_CHUNK_1T if single else _SELECT_CHUNK)
         self.values = torch.empty(self.small, dtype=torch.float32, device=device)
         self.index = torch.empty(self.chunk, dtype=torch.int32, device=device)
 
