@@ -297,7 +297,7 @@ def execute(
         torch.set_num_threads(previous_threads)
     hashes = dict(writer.sha256)
     if writer.index_path is not None:
-        from adaptr.store import sha256_file
+        from adaptr.io.files import sha256_file
 
         hashes[writer.index_path.name] = sha256_file(writer.index_path)
     return hashes

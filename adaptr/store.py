@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from adaptr.errors import OperationError
-
-HASH_CHUNK = 8 << 20
+from adaptr.io.files import fsync_dir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -28,16 +27,6 @@ class FileEntry:
     relpath: str
     size: int
     sha256: str
-
-
-def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 def content_hash(files: Iterable[FileEntry]) -> str:
@@ -62,16 +51,9 @@ def hash_folder(
 ) -> list[FileEntry]:
     paths = files if files is not None else list_files(folder)
     return [
-        FileEntry(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p, progress)) for p in paths
+        FileEntry(p.relative_to(folder).as_posix(), p.stat().st_size, sha256_file(p, progress=progress))
+        for p in paths
     ]
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _alive(pid: int) -> bool:
@@ -140,7 +122,7 @@ class Store:
                 known = (known_hashes or {}).get(rel)
                 if known is None:
                     _fsync_file(src)
-                sha = known or sha256_file(src, progress)
+                sha = known or sha256_file(src, progress=progress)
                 obj = self.object_path(sha)
                 if not obj.exists():
                     obj.parent.mkdir(parents=True, exist_ok=True)

@@ -111,11 +111,11 @@ def test_interrupted_commit_leaves_nothing(store: Store, nth: int, monkeypatch: 
     before = objects(store)
     real, calls = mod.sha256_file, {"n": 0}
 
-    def flaky(path, progress=None):
+    def flaky(path, *, progress=None):
         calls["n"] += 1
         if calls["n"] == nth:
             raise KeyboardInterrupt
-        return real(path, progress)
+        return real(path, progress=progress)
 
     monkeypatch.setattr(mod, "sha256_file", flaky)
     staged = stage(store, {"a": b"new a", "b": b"already stored", "c": b"new c"})

@@ -29,11 +29,12 @@ from adaptr.errors import (
     OperationError,
 )
 from adaptr.interfaces import AdapterManifest, ModelManifest
+from adaptr.io.files import sha256_file
 from adaptr.plugins import get_host, get_registry
 from adaptr.progress import NullProgress, Progress
 from adaptr.refs import check_name, parse_ref
 from adaptr.settings import get_settings
-from adaptr.store import FileEntry, Store, content_hash, hash_folder, list_files, sha256_file
+from adaptr.store import FileEntry, Store, content_hash, hash_folder, list_files
 
 
 @dataclass
@@ -465,7 +466,7 @@ class Catalog:
                     if not p.is_file():
                         problems.append({"path": f.relpath, "problem": "missing"})
                         continue
-                    actual = sha256_file(p, advance)
+                    actual = sha256_file(p, progress=advance)
                     if actual != f.sha256:
                         problems.append(
                             {"path": f.relpath, "problem": "modified", "expected": f.sha256, "actual": actual}
