@@ -14,7 +14,7 @@ import json
 import math
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from adaptr.errors import IncompatibleAdapterError, InvalidInputError
 from adaptr.interfaces import AdapterManifest, LoraModule, MergeStrategy, ModelManifest
 from adaptr.ops.merge_tensor import DenseDelta, LoraFactors, TensorMergeOp, merge_tensor
 from adaptr.ops.reference import tensor_seed
+from adaptr.ops.workspace import Workspace
 
 WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 _FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
@@ -215,6 +216,9 @@ def execute(
     # 6x the largest output tensor (the writer may hold 2x more): memory never grows with
     # model size. One tensor is always admitted, whatever its estimate.
     budget = 6 * max((math.prod(t.shape) * _CODE_BYTES.get(t.code, 1) for t in plan.tensors), default=0)
+    # Delta scratch is reused across tensors (fresh buffers cost page faults and zeroing); the
+    # pool keeps at most half the budget.
+    workspace = Workspace(budget // 2)
 
     def produce(t: OutputTensor, job: Any) -> torch.Tensor:
         out_dtype = torch_dtype(t.code)
@@ -249,24 +253,35 @@ def execute(
             pool = stack.enter_context(
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaptr-merge")
             )
-            window: deque[tuple[OutputTensor, Future, int]] = deque()
-            in_flight = 0
+            # Jobs finish in any order but are written in plan order. A finished job holds only its
+            # output until written, so its working memory is released (for admission) at once:
+            # workers never idle behind a slow job at the head of the queue.
+            window: deque[_Job] = deque()
             done = 0
 
-            def flush_oldest() -> None:
-                nonlocal in_flight, done
-                t, fut, est = window.popleft()
-                value = fut.result()
-                in_flight -= est
-                writer.write(t.name, value)
-                done += 1
-                progress(value.numel() * value.element_size(), f"{done}/{len(plan.tensors)} tensors")
+            def held() -> int:
+                return sum(j.out_bytes if j.future.done() else j.estimate for j in window)
+
+            def running() -> int:
+                return sum(not j.future.done() for j in window)
+
+            def settle(block: bool) -> None:
+                nonlocal done
+                if block:
+                    wait([j.future for j in window if not j.future.done()], return_when=FIRST_COMPLETED)
+                while window and window[0].future.done():
+                    job = window.popleft()
+                    value = job.future.result()
+                    writer.write(job.tensor.name, value)
+                    done += 1
+                    progress(value.numel() * value.element_size(), f"{done}/{len(plan.tensors)} tensors")
 
             try:
                 for t in plan.tensors:
                     est = _working_bytes(t)
-                    while window and (len(window) >= workers or in_flight + est > budget):
-                        flush_oldest()
+                    settle(block=False)
+                    while window and (running() >= workers or held() + est > budget):
+                        settle(block=True)
                     # Reads happen here, on one thread (readers are not thread-safe); they are
                     # zero-copy memory-map views, so only the arithmetic runs on the workers.
                     if t.replacement is not None:
@@ -283,15 +298,16 @@ def execute(
                             seed,
                             torch_dtype(t.code),
                         )
+                        job.workspace = workspace
                     else:
                         job = base.get(t.source)
-                    window.append((t, pool.submit(produce, t, job), est))
-                    in_flight += est
+                    out_bytes = math.prod(t.shape) * _CODE_BYTES.get(t.code, 1)
+                    window.append(_Job(t, pool.submit(produce, t, job), est, out_bytes))
                 while window:
-                    flush_oldest()
+                    settle(block=True)
             except BaseException:
-                for _, fut, _ in window:
-                    fut.cancel()
+                for j in window:
+                    j.future.cancel()
                 raise
     finally:
         torch.set_num_threads(previous_threads)
@@ -301,6 +317,14 @@ def execute(
 
         hashes[writer.index_path.name] = sha256_file(writer.index_path)
     return hashes
+
+
+@dataclass
+class _Job:
+    tensor: OutputTensor
+    future: Future
+    estimate: int  # working bytes while it runs
+    out_bytes: int  # bytes it holds once finished, until written
 
 
 def merge_workers() -> int:

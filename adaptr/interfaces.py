@@ -144,6 +144,10 @@ class MergeStrategy(Protocol):
     per-adapter weights, the resolved parameters and one Philox key per delta (derived from
     the merge seed, the tensor name and the adapter's position), and returns the merged
     fp32 delta. Random steps must draw from those keys so results are reproducible.
+
+    Optionally a strategy may also define ``merge_onto(base, deltas, weights, params, *, seeds,
+    out_dtype)`` returning ``(base + merge(...)).to(out_dtype)``: the engine then calls it instead,
+    so the base add and the cast can be fused into the strategy's last pass over memory.
     """
 
     name: str

@@ -17,6 +17,7 @@ from adaptr.ops.reference import delta_block_rows, lora_delta, lora_delta_rows
 
 if TYPE_CHECKING:
     from adaptr.interfaces import MergeStrategy
+    from adaptr.ops.workspace import Workspace
 
 
 @dataclass
@@ -28,8 +29,11 @@ class LoraFactors:
     scaling: float
     transpose: bool = False
 
-    def delta(self) -> torch.Tensor:
-        return lora_delta(self.lora_A, self.lora_B, self.scaling, transpose=self.transpose)
+    def delta(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        return lora_delta(self.lora_A, self.lora_B, self.scaling, transpose=self.transpose, out=out)
+
+    def numel(self) -> int:
+        return self.lora_B.shape[0] * self.lora_A[0].numel()
 
     def delta_rows(self, r0: int, r1: int) -> torch.Tensor:
         return lora_delta_rows(self.lora_A, self.lora_B, self.scaling, r0, r1, transpose=self.transpose)
@@ -41,7 +45,7 @@ class DenseDelta:
 
     value: torch.Tensor
 
-    def delta(self) -> torch.Tensor:
+    def delta(self, out: torch.Tensor | None = None) -> torch.Tensor:
         return self.value.to(torch.float32, copy=True)
 
 
@@ -64,6 +68,7 @@ class TensorMergeOp:
     dora_magnitude: torch.Tensor | None = None
     dora_rows_are_dim0: bool = True  # False when the weight is stored [in, out] (fan_in_fan_out)
     extra: dict[str, Any] = field(default_factory=dict)
+    workspace: Workspace | None = None  # reusable float32 scratch for the deltas
 
 
 def apply_dora(weight: torch.Tensor, magnitude: torch.Tensor, rows_are_dim0: bool) -> torch.Tensor:
@@ -76,18 +81,50 @@ def apply_dora(weight: torch.Tensor, magnitude: torch.Tensor, rows_are_dim0: boo
 
 
 def merge_tensor(op: TensorMergeOp, strategy: MergeStrategy) -> torch.Tensor:
-    """Reference: fp32 deltas → strategy → + base in fp32 → (DoRA) → one cast to the output dtype."""
+    """Reference: fp32 deltas → strategy → + base in fp32 → (DoRA) → one cast to the output dtype.
+
+    Strategies with a ``merge_onto`` method do the base add and the cast themselves, fused.
+    """
     if _blockwise(op, strategy):
         return _merge_blockwise(op, strategy)
-    deltas = [c.delta() for c in op.contributions]
-    merged = strategy.merge(deltas, op.weights, op.params, seeds=op.seeds)
-    del deltas
+    deltas, scratch = _deltas(op)
+    onto = getattr(strategy, "merge_onto", None) if op.dora_magnitude is None else None
+    try:
+        if onto is not None:
+            merged = onto(op.base, deltas, op.weights, op.params, seeds=op.seeds, out_dtype=op.out_dtype)
+        else:
+            merged = strategy.merge(deltas, op.weights, op.params, seeds=op.seeds)
+        if any(_shares_memory(merged, s) for s in scratch):  # a strategy handed back a delta itself
+            merged = merged.clone()
+    finally:
+        del deltas
+        if op.workspace is not None:
+            op.workspace.give(*scratch)
+    if onto is not None:
+        return merged
     if merged.shape != op.base.shape:
         merged = merged.reshape(op.base.shape)
     merged.add_(op.base)
     if op.dora_magnitude is not None:
         apply_dora(merged, op.dora_magnitude, op.dora_rows_are_dim0)
     return merged if merged.dtype == op.out_dtype else merged.to(op.out_dtype)
+
+
+def _deltas(op: TensorMergeOp) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each contribution's fp32 delta; LoRA products go into workspace buffers when there is one."""
+    deltas, scratch = [], []
+    for c in op.contributions:
+        if op.workspace is not None and isinstance(c, LoraFactors):
+            buf = op.workspace.take(c.numel())
+            scratch.append(buf)
+            deltas.append(c.delta(out=buf))
+        else:
+            deltas.append(c.delta())
+    return deltas, scratch
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _blockwise(op: TensorMergeOp, strategy: MergeStrategy) -> bool:

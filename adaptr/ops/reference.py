@@ -63,6 +63,11 @@ _MASK_CHUNK = 1 << 20
 _HI_BUCKETS = 1 << 15
 _INF_BUCKET = 0x7F80  # top 16 bits of +inf
 _LOW_PATTERNS = 1 << 16  # bit patterns per bucket
+# ``magnitude_threshold`` guesses the k-th largest from a strided sample of about this many elements
+# (odd prime strides, so rows and columns are both sampled evenly), and counts this many buckets exactly.
+_SAMPLE_SIZE = 1 << 17
+_SAMPLE_STRIDES = (127, 61, 31, 13, 7, 3)
+_GUESS_WIDTH = 3
 _RESCALE_MODES = ("density", "l1", None)
 _F32_MAX = 3.4028234663852886e38
 
@@ -140,7 +145,9 @@ def _keep_count(density: float, n: int) -> int:
 # LoRA delta
 
 
-def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, *, transpose: bool = False) -> Tensor:
+def lora_delta(
+    lora_A: Tensor, lora_B: Tensor, scaling: float, *, transpose: bool = False, out: Tensor | None = None
+) -> Tensor:
     """The dense weight update of one LoRA module: ``ΔW = scaling · (B @ A)`` in float32.
 
     Computed as ``(B·scaling) @ A`` so that the scale touches only the small ``out×r`` factor rather
@@ -156,9 +163,11 @@ def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, *, transpose: boo
         scaling: ``lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` for rsLoRA), pattern overrides applied.
         transpose: return ``ΔWᵀ`` (``in × out``), for ``fan_in_fan_out`` layers (GPT-2 ``Conv1D``) and
             embeddings, whose stored weight is the transpose of ``B @ A``. Only for 2-D factors.
+        out: optional contiguous float32 storage of exactly ``out·in`` elements to write into (a
+            reused scratch buffer); the result is a view of it.
 
     Returns:
-        A new contiguous float32 tensor, ``out × in`` (``in × out`` when ``transpose``).
+        A contiguous float32 tensor, ``out × in`` (``in × out`` when ``transpose``).
 
     Raises:
         InvalidInputError: when the factor shapes do not chain, or ``scaling`` is not finite.
@@ -179,7 +188,13 @@ def lora_delta(lora_A: Tensor, lora_B: Tensor, scaling: float, *, transpose: boo
     a = lora_A.float().reshape(rank, -1)
     b = lora_B.float().reshape(lora_B.shape[0], rank) * scale
     left, right = (a.t(), b.t()) if transpose else (b, a)
-    delta = torch.empty((left.shape[0], right.shape[1]), dtype=torch.float32, device=left.device)
+    shape = (left.shape[0], right.shape[1])
+    if out is None:
+        delta = torch.empty(shape, dtype=torch.float32, device=left.device)
+    elif out.dtype != torch.float32 or not out.is_contiguous() or out.numel() != shape[0] * shape[1]:
+        raise InvalidInputError(f"out must be contiguous float32 with {shape[0] * shape[1]} elements")
+    else:
+        delta = out.view(shape)
     # Row blocks, always the same ones (``delta_block_rows``): block-wise consumers reproduce
     # this product bit for bit, whatever BLAS would do with one big matmul.
     step = delta_block_rows(right.shape[1])
@@ -235,33 +250,25 @@ class _Buffers:
         self.index = torch.empty(self.chunk, dtype=torch.int32, device=device)
 
 
-def _top_bits_histogram(flat: Tensor, bufs: _Buffers) -> Tensor:
-    """``counts[h]`` = number of elements whose ``|x|`` has top-16-bit pattern ``h`` (32768 buckets)."""
-    n = flat.numel()
-    counts = torch.zeros(_HI_BUCKETS, dtype=torch.int64, device=flat.device)
-    for start in range(0, n, bufs.chunk):
-        size = min(bufs.chunk, n - start)
-        for sub in range(0, size, bufs.small):
-            end = min(sub + bufs.small, size)
-            values = bufs.values[: end - sub]
-            torch.abs(flat[start + sub : start + end], out=values)
-            torch.bitwise_right_shift(values.view(torch.int32), 16, out=bufs.index[sub:end])
-        counts += torch.bincount(bufs.index[:size], minlength=_HI_BUCKETS)
-    return counts
+def _window_histogram(flat: Tensor, h0: int, width: int, bufs: _Buffers) -> tuple[Tensor, Tensor]:
+    """One pass over ``|x|``: exact counts per bit pattern inside a window of top-16-bit buckets,
+    and counts per bucket everywhere else.
 
+    The window is buckets ``h0 .. h0+width-1`` (``L = width·65536`` patterns from ``lower = h0 << 16``).
+    Each element goes to bin ``min(u, L + (u >> 16))`` with ``u = (bits − lower) & 0x7FFFFFFF``:
+    members of the window keep their offset ``u < L``; larger patterns land in ``[L, L + 32768 − h0)``
+    (bucket ``h0 + q`` at ``L + q``, the first bucket above the window spread over ``L .. L+width``);
+    smaller ones wrap to ``u >= 2**31 − lower`` and land at ``L + 32768 − h0 + their bucket``. Nothing
+    outside the window piles onto one counter (on which ``bincount`` would serialise), and the bins
+    give an exact histogram of all 32768 buckets. Only elementwise int32 ops, no bool masks.
 
-def _bucket_histogram(flat: Tensor, hi: int, bufs: _Buffers) -> Tensor:
-    """``counts[j]`` = number of elements whose ``|x|`` has the bit pattern ``(hi << 16) + j``.
-
-    Each element goes to bin ``min((bits − (hi << 16)) & 0x7FFFFFFF, 65536 + (bits >> 16))``: members
-    of bucket ``hi`` keep their low 16 bits, larger patterns land at 65536 or beyond, and smaller ones
-    wrap to at least ``2**31 − 0x7F7F0000`` (``hi`` is a finite bucket) and so take ``65536 + their own
-    bucket``. Everything outside the bucket is thereby spread over many junk bins instead of piling
-    onto one counter, on which ``bincount`` would serialise. Only elementwise int32 ops, no bool masks.
+    Returns:
+        ``(window, buckets)``: counts of the ``L`` window patterns, and of each of the 32768 buckets.
     """
     n = flat.numel()
-    lower = hi << 16
-    counts = torch.zeros(_LOW_PATTERNS + _HI_BUCKETS, dtype=torch.int64, device=flat.device)
+    lower = h0 << 16
+    span = width * _LOW_PATTERNS
+    counts = torch.zeros(span + _HI_BUCKETS, dtype=torch.int64, device=flat.device)
     for start in range(0, n, bufs.chunk):
         size = min(bufs.chunk, n - start)
         for sub in range(0, size, bufs.small):
@@ -270,12 +277,33 @@ def _bucket_histogram(flat: Tensor, hi: int, bufs: _Buffers) -> Tensor:
             index = bufs.index[sub:end]
             torch.abs(flat[start + sub : start + end], out=values)
             bits = values.view(torch.int32)
-            torch.bitwise_right_shift(bits, 16, out=index)
-            index.add_(_LOW_PATTERNS)
             bits.sub_(lower).bitwise_and_(0x7FFFFFFF)
+            torch.bitwise_right_shift(bits, 16, out=index)
+            index.add_(span)
             torch.minimum(bits, index, out=index)
-        counts += torch.bincount(bufs.index[:size], minlength=_LOW_PATTERNS + _HI_BUCKETS)
-    return counts[:_LOW_PATTERNS]
+        counts += torch.bincount(bufs.index[:size], minlength=span + _HI_BUCKETS)
+    window, junk = counts[:span], counts[span:]
+    buckets = torch.zeros(_HI_BUCKETS, dtype=torch.int64, device=flat.device)
+    buckets[h0 : h0 + width] = window.view(width, _LOW_PATTERNS).sum(1)
+    if h0 + width < _HI_BUCKETS:
+        buckets[h0 + width] = junk[: width + 1].sum()
+        buckets[h0 + width + 1 :] = junk[width + 1 : _HI_BUCKETS - h0]
+    buckets[:h0] = junk[_HI_BUCKETS - h0 :]
+    return window, buckets
+
+
+def _guess_window(flat: Tensor, k: int) -> tuple[int, int]:
+    """Three buckets around the k-th largest ``|x|`` of a strided sample: where the exact one
+    almost always lies (a bucket spans 0.8% of a value; the sample's estimate is within ~0.3%)."""
+    n = flat.numel()
+    stride = next((p for p in _SAMPLE_STRIDES if n // p >= _SAMPLE_SIZE), 1)
+    sample = flat[::stride].abs()
+    m = sample.numel()
+    rank = min(m, max(1, round(k * m / n)))
+    estimate = float(sample.kthvalue(m - rank + 1).values)
+    bucket = min(_INF_BUCKET, struct.unpack("<i", struct.pack("<f", estimate))[0] >> 16)
+    h0 = min(max(0, bucket - 1), _HI_BUCKETS - _GUESS_WIDTH)
+    return h0, _GUESS_WIDTH
 
 
 def magnitude_threshold(x: Tensor, k: int) -> float:
@@ -286,13 +314,15 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
     top-k% by magnitude) and of mergekit's / PEFT's magnitude pruning, without their full
     ``argsort``/``topk`` and its int64 index tensor.
 
-    Algorithm: a two-pass MSD radix select on the IEEE-754 bit pattern (non-negative float32 values
-    order like their int32 bit patterns). Pass 1 ``bincount``s the top 16 bits of ``|x|`` (32768
-    buckets) and finds the bucket holding the k-th largest; pass 2 ``bincount``s the low 16 bits of
-    that bucket's members (see ``_bucket_histogram``), which pins down the exact pattern. Both passes
-    stream 256K-element sub-chunks through a few reused buffers (plain elementwise float/int32 ops; no
-    full-size temporaries, no sort, no int64 index tensor). Tensors of at most 65536 elements use
-    ``torch.kthvalue`` directly.
+    Algorithm: an MSD radix select on the IEEE-754 bit pattern (non-negative float32 values order like
+    their int32 bit patterns), usually in one pass. A strided sample guesses the top-16-bit buckets
+    holding the k-th largest; one ``bincount`` pass then counts every bit pattern inside those buckets
+    exactly, and every other bucket as a whole (``_window_histogram``). When the k-th largest lies in
+    the window, its exact pattern is read off; otherwise the bucket histogram names its bucket and a
+    second pass over that bucket pins it down. The sample only decides how fast, never the result.
+    Passes stream cache-sized sub-chunks through a few reused buffers (plain elementwise float/int32
+    ops; no full-size temporaries, no sort, no int64 index tensor). Tensors of at most 65536 elements
+    use ``torch.kthvalue`` directly.
 
     Args:
         x: a finite tensor of any shape (float32; other float dtypes are upcast, exactly). NaN would
@@ -318,13 +348,13 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
     if n <= _SELECT_SMALL:
         return float(flat.abs().kthvalue(n - k + 1).values)
     bufs = _Buffers(n, flat.device)
-    top = _top_bits_histogram(flat, bufs)
-    hi = _locate_from_top(top, k)
-    if hi >= _INF_BUCKET:  # +inf (or NaN) is the answer; its low bits need no second pass
-        return _bits_to_float(hi << 16)
-    above = int(top[hi + 1 :].sum())  # elements in higher buckets
-    low = _locate_from_top(_bucket_histogram(flat, hi, bufs), k - above)
-    return _bits_to_float((hi << 16) | low)
+    h0, width = _guess_window(flat, k)
+    while True:
+        window, buckets = _window_histogram(flat, h0, width, bufs)
+        above = int(buckets[h0 + width :].sum())  # elements in higher buckets
+        if above < k <= above + int(window.sum()):
+            return _bits_to_float((h0 << 16) + _locate_from_top(window, k - above))
+        h0, width = _locate_from_top(buckets, k), 1  # exact: the next pass always finds it
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -664,6 +694,8 @@ def ties_merge(
     lam: float = 1.0,
     trim: bool = True,
     normalize: bool = True,
+    base: Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """TIES-merging (arXiv 2306.01708): the fused form of the steps above.
 
@@ -677,9 +709,11 @@ def ties_merge(
 
     Instead of materialising each trimmed and weighted delta, it first computes one exact threshold
     per delta (``magnitude_threshold``), then runs trim, election and the disjoint merge together over
-    cache-sized chunks of 256K entries with in-place operations. The only full-size allocation is the
-    output. The operations are the same float32 operations in the same order as the composition, so
-    the result is identical, not merely close.
+    cache-sized chunks of 64K entries with in-place operations. Given ``base``, each chunk is also
+    added to the base in float32 and cast once to ``out_dtype``, which is exactly
+    ``(base + result).to(out_dtype)`` without the full-size float32 result. The operations are the
+    same float32 operations in the same order as the composition, so the result is identical, not
+    merely close.
 
     Args:
         deltas: the deltas ``δ_i``, all of one shape (float32).
@@ -692,9 +726,12 @@ def ties_merge(
             elect + disjoint merge).
         normalize: divide by the sum of agreeing weights (mergekit ``normalize``; True for ``ties``,
             False is mergekit's ``dare_ties`` default, a sum over agreeing deltas).
+        base: optional base weight (any float dtype, the deltas' element count) to add the result to.
+        out_dtype: the dtype of the returned tensor when ``base`` is given (default float32).
 
     Returns:
-        A new float32 tensor of the deltas' shape (zeros where no delta agrees).
+        A new tensor of the deltas' shape (the base's when given): the merged delta in float32 (zeros
+        where no delta agrees), or ``(base + merged delta)`` in ``out_dtype``.
 
     Raises:
         InvalidInputError: for no deltas, mismatched shapes or counts, or non-finite parameters.
@@ -702,30 +739,38 @@ def ties_merge(
     items, ws = _check_group(deltas, weights)
     densities = _per_delta_density(density, len(items))
     scale = _check_density(lam, "lam")
-    shape = items[0].shape
     n = items[0].numel()
     device = items[0].device
-    out = torch.zeros(shape, dtype=torch.float32, device=device)
-    if n == 0:
-        return out
+    if base is not None and base.numel() != n:
+        raise InvalidInputError(f"base has {base.numel()} elements, the deltas {n}")
+    shape = items[0].shape if base is None else base.shape
+    out = torch.empty(
+        shape, dtype=(out_dtype or torch.float32) if base is not None else torch.float32, device=device
+    )
 
-    # One exact threshold per delta: None keeps everything; a delta with density <= 0 drops out (its
-    # trimmed form is all zeros, which never agrees and adds nothing to the election sum).
+    # One exact threshold per delta, applied as ``hardshrink`` at the next float32 below it
+    # (``|x| > prev(t)`` is ``|x| >= t``); None keeps everything. A delta with density <= 0 drops
+    # out: its trimmed form is all zeros, which never agrees and adds nothing to the election sum.
     active: list[tuple[Tensor, float, float | None]] = []
     for d, w, dens in zip(items, ws, densities):
         flat = d.detach().reshape(-1)
         if flat.dtype != torch.float32:
             flat = flat.float()
-        if not trim or dens >= 1:
+        if not trim or dens >= 1 or n == 0:
             active.append((flat, w, None))
         elif dens > 0:
-            active.append((flat, w, magnitude_threshold(flat, _keep_count(dens, n))))
-    if not active:
+            threshold = magnitude_threshold(flat, _keep_count(dens, n))
+            active.append((flat, w, None if threshold == 0 else _below(threshold)))
+    result = out.view(-1)
+    if not active or n == 0:
+        if base is None:
+            return out.zero_()
+        result.copy_(base.reshape(-1))
         return out
 
     # Only float32 ops on float32 buffers in the loop: masks are 0.0/1.0 floats, because bool outputs,
     # masked_fill and where are several times slower than arithmetic on CPU.
-    result = out.view(-1)
+    base_flat = None if base is None else base.detach().reshape(-1)
     chunk = min(n, _MERGE_CHUNK)
     m = len(active)
     weighted = torch.empty((m, chunk), dtype=torch.float32, device=device)
@@ -733,30 +778,34 @@ def ties_merge(
     total = torch.empty(chunk, dtype=torch.float32, device=device)
     signs = torch.empty(chunk, dtype=torch.float32, device=device)
     divisor = torch.empty(chunk, dtype=torch.float32, device=device)
+    staged = None if base_flat is None and out.dtype == torch.float32 else torch.empty_like(scratch)
 
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         stop = start + size
         tmp, tot, sgn, div = scratch[:size], total[:size], signs[:size], divisor[:size]
         # Trim and weight each delta: w_i·δ_i·[|δ_i| >= t_i]; accumulate the election sum.
-        for i, (flat, w, threshold) in enumerate(active):
+        for i, (flat, w, below) in enumerate(active):
             x = flat[start:stop]
             wd = weighted[i, :size]
-            torch.mul(x, w, out=wd)
-            if threshold is not None:
-                torch.abs(x, out=tmp)
-                tmp.ge_(threshold)  # 1.0 keep, 0.0 drop
-                wd.mul_(tmp)
-            if i == 0:
-                tot.copy_(wd)
+            if below is None:
+                torch.mul(x, w, out=wd)
             else:
+                torch.hardshrink(x, below, out=wd)
+                if w != 1:
+                    wd.mul_(w)
+            if i == 1:
+                torch.add(weighted[0, :size], wd, out=tot)
+            elif i > 1:
                 tot.add_(wd)
+        if m == 1:
+            tot.copy_(weighted[0, :size])
         # Elect: s = +1 where the sum is >= 0 (exact zero included), else -1.
         torch.ge(tot, 0, out=sgn)
         sgn.mul_(2).sub_(1)
         # Disjoint merge: relu(s·w_i·δ_i) is |w_i·δ_i| where it agrees, else 0. Negation is exact, so
         # s·Σ relu(s·δ̃_i) equals Σ δ̃_i·a_i term for term, and sign(relu(...)) is a_i in {0, 1}.
-        num = result[start:stop]
+        num = result[start:stop] if staged is None else staged[:size]
         for i in range(m):
             torch.mul(weighted[i, :size], sgn, out=tmp)
             tmp.relu_()
@@ -778,4 +827,13 @@ def ties_merge(
             num.div_(div)
         if scale != 1:
             num.mul_(scale)
+        if base_flat is not None:
+            num.add_(base_flat[start:stop])
+        if staged is not None:
+            result[start:stop].copy_(num)
     return out
+
+
+def _below(value: float) -> float:
+    """The largest float32 below a positive float32 ``value`` (NaN stays NaN, dropping everything)."""
+    return _bits_to_float(struct.unpack("<i", struct.pack("<f", value))[0] - 1)

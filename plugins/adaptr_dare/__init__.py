@@ -61,6 +61,12 @@ class DareTies:
 
         return ties_merge(_drop(deltas, params, seeds), weights, lam=params["lambda"], trim=False)
 
+    def merge_onto(self, base, deltas, weights, params, *, seeds, out_dtype):
+        from adaptr.ops.reference import ties_merge
+
+        dropped = _drop(deltas, params, seeds)
+        return ties_merge(dropped, weights, lam=params["lambda"], trim=False, base=base, out_dtype=out_dtype)
+
 
 @hookimpl
 def register_merge_strategies(register) -> None:

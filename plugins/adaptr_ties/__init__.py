@@ -25,6 +25,13 @@ class Ties:
 
         return ties_merge(deltas, weights, density=params["density"], lam=params["lambda"])
 
+    def merge_onto(self, base, deltas, weights, params, *, seeds, out_dtype):
+        from adaptr.ops.reference import ties_merge
+
+        return ties_merge(
+            deltas, weights, density=params["density"], lam=params["lambda"], base=base, out_dtype=out_dtype
+        )
+
 
 class MagnitudePrune:
     """Trim each delta to its top-density magnitudes, then λ · Σ w_i trimmed_i."""

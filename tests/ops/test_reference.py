@@ -308,6 +308,59 @@ def test_magnitude_threshold_bucket_edges() -> None:
             assert magnitude_threshold(x, k) == _kth_largest_abs(x, k) == value
 
 
+def test_magnitude_threshold_when_the_sample_misleads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The strided sample only decides how many passes run: a sample that sees only small (or only
+    large) values sends the first pass to the wrong buckets, and the second pass still finds the
+    exact answer. Without misleading, one pass suffices."""
+    passes: list[int] = []
+    real = R._window_histogram
+
+    def counted(*args, **kwargs):
+        passes.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(R, "_window_histogram", counted)
+    n = 3 * (1 << 17) * 7 + 5  # sampled with stride 7
+    x = randn(n, seed=21)
+    magnitude_threshold(x, n // 5)
+    assert passes == [R._GUESS_WIDTH]
+    sampled = torch.zeros(n, dtype=torch.bool)
+    sampled[::7] = True
+    for scale in (1e-3, 1e3):  # sampled entries far below, then far above, all others
+        passes.clear()
+        y = torch.where(sampled, x * scale, x)
+        for k in (1, n // 5, n // 2, n - 3):
+            assert magnitude_threshold(y, k) == _kth_largest_abs(y, k)
+        assert R._GUESS_WIDTH in passes and 1 in passes, passes  # both the guess and the fallback ran
+        assert len(passes) <= 8
+
+
+def test_ties_merge_onto_base_is_exactly_add_then_cast() -> None:
+    """With ``base`` the fused pass equals ``(base + ties_merge(...)).to(out_dtype)`` bit for bit."""
+    shape = (300, R._MERGE_CHUNK // 256 + 3)
+    deltas = [randn(*shape, seed=30 + i) for i in range(3)]
+    base32 = randn(*shape, seed=40)
+    for base in (base32, base32.to(torch.bfloat16), base32.to(torch.float16)):
+        for out_dtype in (torch.bfloat16, torch.float32, torch.float16):
+            for weights, density, lam, trim, normalize in [
+                ([0.5, 0.3, 0.8], 0.2, 1.0, True, True),
+                ([1.0, 1.0, 1.0], [0.1, 1.0, 0.0], 1.3, True, True),
+                ([0.4, 0.9, 0.2], 0.3, 1.0, False, False),
+            ]:
+                kw = dict(density=density, lam=lam, trim=trim, normalize=normalize)
+                fused = ties_merge(deltas, weights, base=base, out_dtype=out_dtype, **kw)
+                expected = ties_merge(deltas, weights, **kw).add_(base).to(out_dtype)
+                assert fused.dtype == out_dtype and fused.shape == base.shape
+                assert torch.equal(fused, expected)
+    # one delta, and deltas that all drop out, still give the base
+    one = ties_merge(deltas[:1], [1.0], density=0.4, base=base32, out_dtype=torch.bfloat16)
+    assert torch.equal(one, ties_merge(deltas[:1], [1.0], density=0.4).add_(base32).bfloat16())
+    none = ties_merge(deltas, [1.0] * 3, density=0.0, base=base32, out_dtype=torch.bfloat16)
+    assert torch.equal(none, base32.bfloat16())
+    with pytest.raises(InvalidInputError, match="elements"):
+        ties_merge(deltas, [1.0] * 3, base=torch.zeros(3))
+
+
 def test_trim_matches_topk() -> None:
     x = randn(300, 400, seed=8)
     for d in (0.01, 0.2, 0.5, 0.93):
