@@ -95,3 +95,19 @@ def test_catalog_commands_do_not_import_torch(populated) -> None:
 def test_help_alone_in_a_fresh_process_is_light() -> None:
     ((r, out),) = run_commands([["--help"]])
     assert r["code"] == 0 and r["heavy"] == [] and "lineage" in out
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
+def test_cli_asks_torch_for_huge_pages_unless_told_not_to(preset, expected):
+    """``main`` sets THP_MEM_ALLOC_ENABLE before torch loads (torch reads it once, at its first
+    allocation); a value the user set wins."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    script = (
+        "import os, sys\nfrom adaptr.cli import main\n"
+        "try:\n    main(['plugins', '--json'])\nexcept SystemExit:\n    pass\n"
+        "print('@@', os.environ.get('THP_MEM_ALLOC_ENABLE'), 'torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == f"@@ {expected} False"

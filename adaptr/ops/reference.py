@@ -26,6 +26,7 @@ import hashlib
 import math
 import operator
 import struct
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -47,12 +48,10 @@ __all__ = [
     "weighted_sum",
 ]
 
-# ``magnitude_threshold`` streams sub-chunks of 256K elements (1 MiB, L2-resident) through elementwise
-# ops into an int32 buffer of 2M bin indices, then runs one ``bincount`` per 2M.
-_SELECT_SUBCHUNK = 1 << 18
-_SELECT_CHUNK = 1 << 21
-_SELECT_SUBCHUNK_1T = 1 << 16
-_SELECT_CHUNK_1T = 1 << 20
+# ``magnitude_threshold`` streams chunks of 256K elements (1 MiB, L2-resident; 64K when ops run
+# single-threaded) through elementwise ops into bin indices and scatter-adds them into one histogram.
+_SELECT_CHUNK = 1 << 18
+_SELECT_CHUNK_1T = 1 << 16
 # Below this many elements a plain ``kthvalue`` is as fast as the radix select.
 _SELECT_SMALL = 1 << 16
 # Elements per chunk of the fused TIES merge: a handful of 1 MiB buffers stay in L2.
@@ -238,16 +237,27 @@ def _locate_from_top(counts: Tensor, k: int) -> int:
 
 
 class _Buffers:
-    """Reused scratch for one selection: a cache-sized float buffer and one bincount input buffer."""
+    """Scratch for selections, one set per thread and reused: cache-sized float, index and ones
+    buffers. (Fresh buffers would be page-faulted and zeroed by the kernel on every call.)"""
 
-    def __init__(self, n: int, device: torch.device) -> None:
+    _local = threading.local()
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self.size = size
+        self.device = device
+        self.values = torch.empty(size, dtype=torch.float32, device=device)
+        self.index = torch.empty(size, dtype=torch.int32, device=device)
+        self.ones = torch.ones(size, dtype=torch.int32, device=device)
+
+    @classmethod
+    def get(cls, device: torch.device) -> _Buffers:
         # Smaller pieces suit a single intra-op thread (the merge engine's workers run that way);
         # larger ones amortise torch's thread fan-out when ops run multi-threaded.
-        single = torch.get_num_threads() == 1
-        self.small = min(n, _SELECT_SUBCHUNK_1T if single else _SELECT_SUBCHUNK)
-        self.chunk = min(n, _SELECT_CHUNK_1T if single else _SELECT_CHUNK)
-        self.values = torch.empty(self.small, dtype=torch.float32, device=device)
-        self.index = torch.empty(self.chunk, dtype=torch.int32, device=device)
+        size = _SELECT_CHUNK_1T if torch.get_num_threads() == 1 else _SELECT_CHUNK
+        bufs = getattr(cls._local, "bufs", None)
+        if bufs is None or bufs.size != size or bufs.device != device:
+            bufs = cls._local.bufs = cls(size, device)
+        return bufs
 
 
 def _window_histogram(flat: Tensor, h0: int, width: int, bufs: _Buffers) -> tuple[Tensor, Tensor]:
@@ -259,8 +269,10 @@ def _window_histogram(flat: Tensor, h0: int, width: int, bufs: _Buffers) -> tupl
     members of the window keep their offset ``u < L``; larger patterns land in ``[L, L + 32768 − h0)``
     (bucket ``h0 + q`` at ``L + q``, the first bucket above the window spread over ``L .. L+width``);
     smaller ones wrap to ``u >= 2**31 − lower`` and land at ``L + 32768 − h0 + their bucket``. Nothing
-    outside the window piles onto one counter (on which ``bincount`` would serialise), and the bins
-    give an exact histogram of all 32768 buckets. Only elementwise int32 ops, no bool masks.
+    outside the window piles onto one counter (on which the scatter-add would serialise), and the bins
+    give an exact histogram of all 32768 buckets. Only elementwise int32 ops, no bool masks; counts
+    accumulate with ``index_add_`` into one int32 histogram (``bincount`` would allocate a new one and
+    scan for its min and max on every call).
 
     Returns:
         ``(window, buckets)``: counts of the ``L`` window patterns, and of each of the 32768 buckets.
@@ -268,20 +280,21 @@ def _window_histogram(flat: Tensor, h0: int, width: int, bufs: _Buffers) -> tupl
     n = flat.numel()
     lower = h0 << 16
     span = width * _LOW_PATTERNS
-    counts = torch.zeros(span + _HI_BUCKETS, dtype=torch.int64, device=flat.device)
-    for start in range(0, n, bufs.chunk):
-        size = min(bufs.chunk, n - start)
-        for sub in range(0, size, bufs.small):
-            end = min(sub + bufs.small, size)
-            values = bufs.values[: end - sub]
-            index = bufs.index[sub:end]
-            torch.abs(flat[start + sub : start + end], out=values)
-            bits = values.view(torch.int32)
-            bits.sub_(lower).bitwise_and_(0x7FFFFFFF)
-            torch.bitwise_right_shift(bits, 16, out=index)
-            index.add_(span)
-            torch.minimum(bits, index, out=index)
-        counts += torch.bincount(bufs.index[:size], minlength=span + _HI_BUCKETS)
+    wide = n >= 2**31  # int32 counters would overflow
+    counts = torch.zeros(span + _HI_BUCKETS, dtype=torch.int64 if wide else torch.int32, device=flat.device)
+    for start in range(0, n, bufs.size):
+        size = min(bufs.size, n - start)
+        values = bufs.values[:size]
+        index = bufs.index[:size]
+        torch.abs(flat[start : start + size], out=values)
+        bits = values.view(torch.int32)
+        bits.sub_(lower).bitwise_and_(0x7FFFFFFF)
+        torch.bitwise_right_shift(bits, 16, out=index)
+        index.add_(span)
+        torch.minimum(bits, index, out=index)
+        ones = bufs.ones[:size]
+        counts.index_add_(0, index, ones.long() if wide else ones)
+    counts = counts.long()
     window, junk = counts[:span], counts[span:]
     buckets = torch.zeros(_HI_BUCKETS, dtype=torch.int64, device=flat.device)
     buckets[h0 : h0 + width] = window.view(width, _LOW_PATTERNS).sum(1)
@@ -316,7 +329,7 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
 
     Algorithm: an MSD radix select on the IEEE-754 bit pattern (non-negative float32 values order like
     their int32 bit patterns), usually in one pass. A strided sample guesses the top-16-bit buckets
-    holding the k-th largest; one ``bincount`` pass then counts every bit pattern inside those buckets
+    holding the k-th largest; one histogram pass then counts every bit pattern inside those buckets
     exactly, and every other bucket as a whole (``_window_histogram``). When the k-th largest lies in
     the window, its exact pattern is read off; otherwise the bucket histogram names its bucket and a
     second pass over that bucket pins it down. The sample only decides how fast, never the result.
@@ -347,7 +360,7 @@ def magnitude_threshold(x: Tensor, k: int) -> float:
         flat = flat.float()
     if n <= _SELECT_SMALL:
         return float(flat.abs().kthvalue(n - k + 1).values)
-    bufs = _Buffers(n, flat.device)
+    bufs = _Buffers.get(flat.device)
     h0, width = _guess_window(flat, k)
     while True:
         window, buckets = _window_histogram(flat, h0, width, bufs)

@@ -147,7 +147,8 @@ def _measured_merge(tmp_path: Path, home: Path, args: list[str], tag: str, **env
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(WRAPPER)
     report = tmp_path / f"{tag}.json"
-    env = {**os.environ, "ADAPTR_HOME": str(home), **env_extra}
+    # As the CLI runs (``adaptr.cli.main`` sets it before torch loads): huge pages for big tensors.
+    env = {**os.environ, "ADAPTR_HOME": str(home), "THP_MEM_ALLOC_ENABLE": "1", **env_extra}
     start = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, str(wrapper), str(report), *args],

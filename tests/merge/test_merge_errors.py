@@ -358,3 +358,17 @@ def test_failure_while_writing_cleans_up(cli, demo_set, adaptr_home, monkeypatch
     assert snapshot(cli, adaptr_home) == before
     tmp = adaptr_home / "store" / "tmp"
     assert not tmp.exists() or not any(tmp.iterdir())
+
+
+@pytest.mark.parametrize("strategy", ["simple", "ties", "linear"])
+def test_overflow_to_inf_in_the_output_dtype_is_refused(cli, adaptr_home, tmp_path, strategy):
+    """Finite adapters whose merged weights overflow float16 (max 65504): refused, nothing kept."""
+    base = make_llama_base(tmp_path / "base", dtype="float16")
+    ok_json(cli, "base", "add", str(base), "--name", "b16")
+    for name in ("big1", "big2"):
+        path = make_lora_adapter(tmp_path / name, base, r=8, lora_alpha=8, init_scale=200.0, seed=len(name))
+        ok_json(cli, "adapter", "add", str(path), "--base", "b16", "--name", name)
+    adapters = ("-a", "big1") if strategy == "simple" else ("-a", "big1", "-a", "big2")
+    assert_refused(
+        cli, adaptr_home, *adapters, "--strategy", strategy, "--name", "out", says=("NaN/Inf", "adapters")
+    )

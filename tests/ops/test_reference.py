@@ -264,7 +264,7 @@ def _kth_largest_abs(x: torch.Tensor, k: int) -> float:
 
 @pytest.mark.parametrize(
     "n",
-    [1, 7, R._SELECT_SMALL, R._SELECT_SMALL + 1, R._SELECT_SUBCHUNK + 3, R._SELECT_CHUNK + 5],
+    [1, 7, R._SELECT_SMALL, R._SELECT_SMALL + 1, R._SELECT_CHUNK + 3, 4 * R._SELECT_CHUNK + 5],
 )
 def test_magnitude_threshold_matches_kthvalue(n: int) -> None:
     x = randn(n, seed=n)
@@ -275,7 +275,7 @@ def test_magnitude_threshold_matches_kthvalue(n: int) -> None:
 
 def test_magnitude_threshold_duplicates_zeros_denormals() -> None:
     g = torch.Generator().manual_seed(3)
-    n = 2 * R._SELECT_SUBCHUNK + 11
+    n = 2 * R._SELECT_CHUNK + 11
     # heavy duplicates: 50 distinct magnitudes with random signs
     dup = torch.randint(0, 50, (n,), generator=g).float().div_(8) * (torch.rand(n, generator=g) - 0.5).sign()
     # zeros (both signs) and denormals mixed into normal values
@@ -295,7 +295,7 @@ def test_magnitude_threshold_duplicates_zeros_denormals() -> None:
 
 def test_magnitude_threshold_bucket_edges() -> None:
     """Answers at a bucket's first and last pattern, and neighbours just outside it."""
-    n = R._SELECT_SUBCHUNK + 5
+    n = R._SELECT_CHUNK + 5
     x = randn(n, seed=6)
     lower = 0x3F80 << 16  # 1.0 starts a bucket
     edges = torch.tensor([lower - 1, lower, lower + 1, lower + 0xFFFF, lower + 0x10000], dtype=torch.int32)
