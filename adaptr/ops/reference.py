@@ -313,7 +313,12 @@ def _guess_window(flat: Tensor, k: int) -> tuple[int, int]:
     sample = flat[::stride].abs()
     m = sample.numel()
     rank = min(m, max(1, round(k * m / n)))
-    estimate = float(sample.kthvalue(m - rank + 1).values)
+    if sample.device.type == "cpu":  # numpy's introselect is ~4x faster than torch.kthvalue here
+        import numpy as np
+
+        estimate = float(np.partition(sample.numpy(), m - rank)[m - rank])
+    else:
+        estimate = float(sample.kthvalue(m - rank + 1).values)
     bucket = min(_INF_BUCKET, struct.unpack("<i", struct.pack("<f", estimate))[0] >> 16)
     h0 = min(max(0, bucket - 1), _HI_BUCKETS - _GUESS_WIDTH)
     return h0, _GUESS_WIDTH
@@ -790,13 +795,18 @@ def ties_merge(
     scratch = torch.empty(chunk, dtype=torch.float32, device=device)
     total = torch.empty(chunk, dtype=torch.float32, device=device)
     signs = torch.empty(chunk, dtype=torch.float32, device=device)
+    upper = torch.empty(chunk, dtype=torch.float32, device=device)
+    lower = torch.empty(chunk, dtype=torch.float32, device=device)
     divisor = torch.empty(chunk, dtype=torch.float32, device=device)
+    inf = torch.tensor(float("inf"), dtype=torch.float32, device=device)
+    signed = any(w < 0 for _, w, _ in active)
     staged = None if base_flat is None and out.dtype == torch.float32 else torch.empty_like(scratch)
 
     for start in range(0, n, chunk):
         size = min(chunk, n - start)
         stop = start + size
         tmp, tot, sgn, div = scratch[:size], total[:size], signs[:size], divisor[:size]
+        hi, lo = upper[:size], lower[:size]
         # Trim and weight each delta: w_i·δ_i·[|δ_i| >= t_i]; accumulate the election sum.
         for i, (flat, w, below) in enumerate(active):
             x = flat[start:stop]
@@ -813,28 +823,36 @@ def ties_merge(
                 tot.add_(wd)
         if m == 1:
             tot.copy_(weighted[0, :size])
-        # Elect: s = +1 where the sum is >= 0 (exact zero included), else -1.
-        torch.ge(tot, 0, out=sgn)
-        sgn.mul_(2).sub_(1)
-        # Disjoint merge: relu(s·w_i·δ_i) is |w_i·δ_i| where it agrees, else 0. Negation is exact, so
-        # s·Σ relu(s·δ̃_i) equals Σ δ̃_i·a_i term for term, and sign(relu(...)) is a_i in {0, 1}.
+        # Elect: the sign s of the sum, as bounds [lo, hi] = [0, +inf] for s = +1 and [-inf, 0] for
+        # s = -1 (copysign(inf, sum), then its positive and negative parts).
+        torch.copysign(inf, tot, out=sgn)
+        torch.clamp(sgn, min=0, out=hi)
+        torch.clamp(sgn, max=0, out=lo)
+        # Disjoint merge: clamp(δ̃_i, lo, hi) is δ̃_i where its sign agrees with s, else 0 (exactly
+        # s·relu(s·δ̃_i); sums of them equal the composition's term for term, as negation is exact),
+        # and its sign is s·a_i, so |Σ w_i·sign(...)| is the sum of agreeing weights.
         num = result[start:stop] if staged is None else staged[:size]
         for i in range(m):
-            torch.mul(weighted[i, :size], sgn, out=tmp)
-            tmp.relu_()
-            if i == 0:
-                num.copy_(tmp)
-            else:
+            c = num if i == 0 else tmp
+            torch.clamp(weighted[i, :size], lo, hi, out=c)
+            if i > 0:
                 num.add_(tmp)
             if not normalize:
                 continue
-            tmp.sign_()
+            w = active[i][1]
             if i == 0:
-                torch.mul(tmp, active[i][1], out=div)
+                torch.sign(c, out=div)
+                if w != 1:
+                    div.mul_(w)
             else:
-                div.add_(tmp, alpha=active[i][1])
-        num.mul_(sgn)
+                tmp.sign_()
+                div.add_(tmp, alpha=w)
         if normalize:
+            if signed:  # D = s·Σ w_i·sign(...); with no negative weight that is |Σ w_i·sign(...)|
+                torch.sign(sgn, out=tmp)
+                div.mul_(tmp)
+            else:
+                div.abs_()
             torch.eq(div, 0, out=tmp)
             div.add_(tmp)  # a divisor of exactly 0 becomes 1; others are unchanged (x + 0 = x)
             num.div_(div)
