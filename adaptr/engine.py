@@ -143,13 +143,37 @@ def resolve_params(strategy: MergeStrategy, given: dict[str, Any]) -> dict[str, 
         raise InvalidInputError(
             f"strategy {strategy.name!r} does not take {', '.join(unknown)}; it takes {takes}"
         )
-    out = {}
-    for name, p in defs.items():
-        value = given.get(name, p.default)
-        if value is not None and p.type is float:
-            value = float(value)
-        out[name] = value
-    return out
+    return {name: _coerce(strategy.name, p, given.get(name, p.default)) for name, p in defs.items()}
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(strategy: str, p: Any, value: Any) -> Any:
+    """A parameter value as its declared type; strings (``--param KEY=VALUE``) are parsed."""
+    if value is None or p.type not in (float, int, bool, str):
+        return value
+    try:
+        if p.type is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE + _FALSE:
+                return text in _TRUE
+        elif p.type is float and not isinstance(value, bool):
+            number = float(value)
+            if math.isfinite(number):
+                return number
+        elif p.type is int and not isinstance(value, bool):
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        elif p.type is str:
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    kind = {float: "a finite number", int: "a whole number", bool: "true or false"}[p.type]
+    raise InvalidInputError(f"parameter {p.name!r} of strategy {strategy!r} must be {kind}, got {value!r}")
 
 
 def copy_side_files(base_path: Path, dest: Path, *, dtype: str | None, untied: bool) -> None:

@@ -20,6 +20,18 @@ def _floats(text: str | None) -> list[float] | None:
         raise InvalidInputError(f"--weights {text!r}: expected comma-separated numbers like 1,0.5") from None
 
 
+def _pairs(items: list[str]) -> dict[str, str]:
+    from adaptr.errors import InvalidInputError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"--param {item!r}: expected KEY=VALUE, e.g. --param gamma=0.05")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def merge(
     adapter: list[str] = typer.Option(
         None, "--adapter", "-a", help="Adapter to merge (NAME[@N]); repeatable."
@@ -52,6 +64,12 @@ def merge(
     verify: bool = typer.Option(
         None, "--verify", help="Compare logits with base + adapter (needs transformers)."
     ),
+    param: list[str] = typer.Option(
+        None, "--param", help="A parameter of a plugin strategy, KEY=VALUE (repeat for several)."
+    ),
+    verify_tolerance: float = typer.Option(
+        None, "--verify-tolerance", help="Largest max |logit difference| --verify accepts (default 0.05)."
+    ),
     config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
     json: bool = JSON_OPTION,
 ) -> None:
@@ -76,8 +94,12 @@ def merge(
         "name": name,
         "new_version": new_version,
         "verify": verify,
+        "verify_tolerance": verify_tolerance,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
+    if param:
+        given = data.get("params") if isinstance(data.get("params"), dict) else {}
+        data["params"] = {**given, **_pairs(param)}
     spec = validate_spec(MergeSpec, data, source=str(config) if config else "merge options")
     art = run_merge(spec, catalog=catalog())
     if json:

@@ -289,3 +289,96 @@ def test_merging_never_destroys_a_source(cli, demo_set, tmp_path):
     assert reports and all(r["ok"] for r in reports), reports
     code, _, err = cli("verify")
     assert code == 0, err
+
+
+def test_verify_tolerance_flag(cli, demo_set):
+    register_demo(cli, demo_set)
+    code, out, err = cli(
+        "merge",
+        "-a",
+        "code-r8",
+        "--name",
+        "strict",
+        "--dtype",
+        "bf16",
+        "--verify",
+        "--verify-tolerance",
+        "1e-12",
+    )
+    assert code == 3, (out, err)
+    assert ok_json(cli, "show", "strict")["metadata"]["verify"]["tolerance"] == 1e-12
+    art = ok_json(
+        cli,
+        "merge",
+        "-a",
+        "code-r8",
+        "--name",
+        "lax",
+        "--dtype",
+        "bf16",
+        "--verify",
+        "--verify-tolerance",
+        "10",
+    )
+    assert art["metadata"]["verify"]["ok"] is True and art["metadata"]["verify"]["tolerance"] == 10
+
+
+def _strategy_params(cli, name: str) -> dict:
+    edges = [e for e in ok_json(cli, "lineage", name)["edges"] if e["child"] == f"{name}@1"]
+    return edges[0]["params"]["params"]
+
+
+def test_param_flags_reach_the_strategy_typed(cli, demo_set, tmp_path):
+    """``--param KEY=VALUE`` sets any strategy parameter, parsed as its declared type; it overrides
+    the YAML ``params:`` and lands in the lineage like a flag."""
+    register_demo(cli, demo_set)
+    art = ok_json(
+        cli,
+        "merge",
+        *THREE,
+        "--strategy",
+        "dare_ties",
+        "--param",
+        "density=0.35",
+        "--param",
+        "rescale=l1",
+        "--name",
+        "p1",
+    )
+    assert _strategy_params(cli, "p1")["density"] == 0.35
+    assert _strategy_params(cli, "p1")["rescale"] == "l1"
+    same = ok_json(
+        cli,
+        "merge",
+        *THREE,
+        "--strategy",
+        "dare_ties",
+        "--density",
+        "0.35",
+        "--rescale",
+        "l1",
+        "--name",
+        "p2",
+    )
+    assert same["content_hash"] == art["content_hash"]
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "adapters": ["chat-r4", "code-r8"],
+                "strategy": "linear",
+                "params": {"normalize": False},
+                "name": "p3",
+            }
+        )
+    )
+    ok_json(cli, "merge", "--config", cfg, "--param", "normalize=true")
+    assert _strategy_params(cli, "p3")["normalize"] is True
+    for bad, says in [
+        (("--param", "density"), "KEY=VALUE"),
+        (("--param", "density=lots"), "finite number"),
+        (("--param", "density=nan"), "finite number"),
+        (("--param", "gamma=0.1"), "does not take gamma"),
+    ]:
+        code, _out, err = cli("merge", *THREE, "--strategy", "ties", *bad, "--name", "bad")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, (bad, err)
