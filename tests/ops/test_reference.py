@@ -412,8 +412,9 @@ def _merge(method: str, base: torch.Tensor, models: list[torch.Tensor], **parame
     return mergekit_api.merge_tensors([base, *models], method, parameters=parameters, base_index=0)
 
 
-def test_mergekit_ties() -> None:
-    base, models = _models((64, 96), 3, seed=20)
+@pytest.mark.parametrize("shape", [(64, 96), (640, 1100)])  # the second runs the sampled select
+def test_mergekit_ties(shape: tuple[int, int]) -> None:
+    base, models = _models(shape, 3, seed=20)
     deltas = [m - base for m in models]  # the same float32 subtraction mergekit performs
     for weights, density, lam in (
         ([1.0, 1.0, 1.0], [0.2, 0.2, 0.2], 1.0),
