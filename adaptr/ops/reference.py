@@ -29,6 +29,7 @@ import struct
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -521,11 +522,20 @@ def _drop_chunked(x: Tensor, density: float, generator: torch.Generator | None) 
 
 def _drop_philox(x: Tensor, density: float, seed: int) -> Tensor:
     """``x`` times the Philox keep mask, chunk by chunk (no full-size mask or counter tensor)."""
-    from adaptr.ops.philox import CHUNK, keep_mask_into
+    from adaptr.ops.philox import CHUNK, keep_mask_into, keep_mask_np
 
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
     n = flat.numel()
+    if flat.device.type == "cpu" and flat.dtype == torch.float32:
+        # numpy straight on the tensors' memory: x·1.0 or x·0.0 per entry, as the torch path does
+        src, dst = flat.detach().numpy(), out.numpy()
+        for start in range(0, n, CHUNK):
+            stop = min(n, start + CHUNK)
+            np.multiply(
+                src[start:stop], keep_mask_np(seed, start, stop - start, density), out=dst[start:stop]
+            )
+        return out.view(x.shape)
     buf = torch.empty(min(n, CHUNK), dtype=flat.dtype, device=x.device)
     for start in range(0, n, CHUNK):
         size = min(CHUNK, n - start)
@@ -562,7 +572,7 @@ def random_drop(
         mask: an explicit keep mask of ``x``'s shape (bool, or nonzero = keep); overrides ``generator``.
         rescale: ``"density"``, ``"l1"`` or ``None``.
         seed: a Philox4x32-10 key (see ``adaptr.ops.philox``): entry ``j`` (row-major) is kept iff
-            Triton's ``tl.rand(seed, j) < float32(density)``. This is what the merge engine uses, so masks
+            Triton's ``tl.rand4x(seed, j // 4)[j % 4] < float32(density)``. This is what the merge engine uses, so masks
             are bit-identical on any device, thread count or tensor order; overrides ``generator``.
 
     Returns:

@@ -1,4 +1,5 @@
-"""Philox4x32-10 in torch vs Triton's own tl.rand/tl.randint (run by the interpreter on the CPU)."""
+"""Philox4x32-10 on the CPU vs Triton's own tl.rand/tl.randint/tl.randint4x/tl.rand4x (run by the
+interpreter on the CPU), and the DARE keep masks drawn from it."""
 
 from __future__ import annotations
 
@@ -11,7 +12,15 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton decorates kernel
 import triton
 import triton.language as tl
 
-from adaptr.ops.philox import keep_mask_into, philox_randint, philox_uniform
+from adaptr.ops import philox
+from adaptr.ops.philox import (
+    keep_mask_into,
+    keep_mask_np,
+    mask_uniforms,
+    philox_randint,
+    philox_randint4x,
+    philox_uniform,
+)
 from adaptr.ops.reference import random_drop, tensor_seed
 
 
@@ -22,6 +31,18 @@ def _rand_kernel(out_ptr, bits_ptr, seed, start, n, BLOCK: tl.constexpr):
     counter = offs.to(tl.int64) + start  # int64 offsets: the high 32 bits enter the counter too
     tl.store(out_ptr + offs, tl.rand(seed, counter), mask=m)
     tl.store(bits_ptr + offs, tl.randint(seed, counter), mask=m)
+
+
+@triton.jit
+def _rand4x_kernel(bits_ptr, uni_ptr, seed, start, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    counter = offs.to(tl.int64) + start
+    r0, r1, r2, r3 = tl.randint4x(seed, counter)
+    u0, u1, u2, u3 = tl.rand4x(seed, counter)
+    for i, (r, u) in enumerate(((r0, u0), (r1, u1), (r2, u2), (r3, u3))):
+        tl.store(bits_ptr + offs * 4 + i, r, mask=m)
+        tl.store(uni_ptr + offs * 4 + i, u, mask=m)
 
 
 def _triton(seed: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +63,42 @@ def test_bit_identical_to_triton(seed: int, start: int) -> None:
     assert torch.equal(philox_uniform(seed, offsets), ref_u)
 
 
+@pytest.mark.parametrize("seed", [0, (1 << 62) + 12345, tensor_seed(7, "model.layers.0.q", 2)])
+@pytest.mark.parametrize("start", [0, (1 << 32) - 100])
+def test_randint4x_and_mask_stream_bit_identical_to_triton(seed: int, start: int) -> None:
+    """Element j of a mask draws ``tl.rand4x(seed, j // 4)[j % 4]``."""
+    n = 1000  # counters
+    bits = torch.empty(4 * n, dtype=torch.int32)
+    uni = torch.empty(4 * n)
+    _rand4x_kernel[(triton.cdiv(n, 256),)](bits, uni, seed, start, n, BLOCK=256)
+    ours = torch.stack(philox_randint4x(seed, torch.arange(start, start + n)), dim=1).reshape(-1)
+    assert torch.equal(torch.where(ours >= 1 << 31, ours - (1 << 32), ours).to(torch.int32), bits)
+    assert torch.equal(mask_uniforms(seed, 4 * start, 4 * n), uni)
+    # any window of elements, aligned to counters or not, sees the same draws
+    for a, b in ((1, 4 * n - 3), (6, 7), (4 * n - 1, 4 * n)):
+        assert torch.equal(mask_uniforms(seed, 4 * start + a, b - a), uni[a:b])
+
+
 def test_uniform_statistics_and_keep_mask() -> None:
-    u = philox_uniform(42, torch.arange(200_000))
+    u = mask_uniforms(42, 0, 200_000)
     assert float(u.min()) >= 0.0 and float(u.max()) < 1.0
     assert abs(float(u.mean()) - 0.5) < 0.005
-    mask = keep_mask_into(torch.empty(200_000), 42, 0, 0.3)
-    assert torch.equal(mask, (u < 0.3).float())
-    assert abs(float(mask.mean()) - 0.3) < 0.005
+    for density in (0.3, 0.05, 0.999, 1e-9, 0.5):
+        mask = keep_mask_into(torch.empty(200_000), 42, 0, density)
+        assert torch.equal(mask, (u < torch.tensor(density, dtype=torch.float32)).float()), density
+    assert abs(float(keep_mask_into(torch.empty(200_000), 42, 0, 0.3).mean()) - 0.3) < 0.005
+
+
+def test_integer_cut_equals_the_float_comparison_at_its_edges() -> None:
+    """Keeping draws below ``_keep_below(d)`` is exactly ``uniform < float32(d)``, checked on the
+    folded draws right around the cut (where float32 rounding of the draw and the product bites)."""
+    for density in (0.3, 0.2, 0.1, 0.7, 0.9, 1e-6, 0.999999):
+        cut = philox._keep_below(density)
+        v = torch.arange(max(0, cut - 300), min(1 << 31, cut + 300), dtype=torch.int64)
+        u = v.to(torch.int32).to(torch.float32) * torch.tensor(philox._SCALE, dtype=torch.float32)
+        assert torch.equal(v < cut, u < torch.tensor(density, dtype=torch.float32)), density
+    assert philox._keep_below(1.0) == 1 << 31 and philox._keep_below(0.0) == 0
+    assert keep_mask_np(5, 10, 8, 0.0).sum() == 0
 
 
 def test_random_drop_mask_is_order_and_chunk_independent() -> None:
@@ -56,7 +106,7 @@ def test_random_drop_mask_is_order_and_chunk_independent() -> None:
     x = torch.randn(700, 900, generator=torch.Generator().manual_seed(0))
     key = tensor_seed(3, "w", 0)
     full = random_drop(x, 0.4, seed=key, rescale=None)
-    u = philox_uniform(key, torch.arange(x.numel())).view_as(x)
+    u = mask_uniforms(key, 0, x.numel()).view_as(x)
     assert torch.equal(full, x * (u < 0.4))
     assert torch.equal(random_drop(x, 0.4, seed=key, rescale="density"), full / 0.4)
     assert not torch.equal(full, random_drop(x, 0.4, seed=key + 1, rescale=None))
