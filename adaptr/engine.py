@@ -293,6 +293,9 @@ def execute(
                 nonlocal done
                 if block:
                     wait([j.future for j in window if not j.future.done()], return_when=FIRST_COMPLETED)
+                for j in window:  # fail fast: a failed job need not wait for the ones before it
+                    if j.future.done() and j.future.exception() is not None:
+                        raise j.future.exception()
                 while window and window[0].future.done():
                     job = window.popleft()
                     value = job.future.result()
