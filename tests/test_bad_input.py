@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cli_helpers import ok_json
 
 from adaptr.testing import make_llama_base
 
@@ -18,12 +19,6 @@ Q_PROJ = "model.layers.0.self_attn.q_proj"
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def ok_json(cli, *args):
-    code, out, err = cli(*args, "--json")
-    assert code == 0, (args, out, err)
-    return json.loads(out)
 
 
 def snapshot(cli, home: Path) -> tuple[list, list[str]]:

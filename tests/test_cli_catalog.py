@@ -13,6 +13,7 @@ import struct
 from pathlib import Path
 
 import pytest
+from cli_helpers import ok_json
 
 from adaptr.testing import make_llama_base, make_lora_adapter
 
@@ -32,12 +33,6 @@ EDGE_KEYS = {"parent", "child", "operation", "params", "plugin", "plugin_version
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def ok_json(cli, *args):
-    code, out, err = cli(*args, "--json")
-    assert code == 0, (args, out, err)
-    return json.loads(out)
 
 
 def header(file: Path) -> dict:

@@ -11,16 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import ok_json
 
 from adaptr.testing import make_llama_base, make_lora_adapter
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def ok_json(cli, *args):
-    code, out, err = cli(*args, "--json")
-    assert code == 0, (args, out, err)
-    return json.loads(out)
 
 
 def sha(path: Path) -> str:

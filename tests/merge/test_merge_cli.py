@@ -6,10 +6,10 @@ Numbers are checked against oracles in test_merge_oracles.py; this file checks t
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import yaml
+from cli_helpers import ok_json, register_demo
 
 from adaptr.testing import make_llama_base
 
@@ -26,18 +26,6 @@ SHOW_KEYS = {
     "metadata",
 }
 EDGE_KEYS = {"parent", "child", "operation", "params", "plugin", "plugin_version", "seed"}
-
-
-def ok_json(cli, *args):
-    code, out, err = cli(*args, "--json")
-    assert code == 0, (args, out, err)
-    return json.loads(out)
-
-
-def register_demo(cli, demo_set: dict, base_name: str = "llama") -> None:
-    ok_json(cli, "base", "add", demo_set["base"], "--name", base_name)
-    for _name, path in demo_set["adapters"].items():
-        ok_json(cli, "adapter", "add", path, "--base", base_name)
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -6,27 +6,15 @@ objects, and no staging folder left in ``$ADAPTR_HOME/store/tmp``.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import pytest
+from cli_helpers import ok_json, register_demo
 
 from adaptr.testing import make_llama_base, make_lora_adapter
 
 THREE = ("--adapter", "chat-r4", "--adapter", "code-r8", "--adapter", "math-r16-rslora")
-
-
-def ok_json(cli, *args):
-    code, out, err = cli(*args, "--json")
-    assert code == 0, (args, out, err)
-    return json.loads(out)
-
-
-def register_demo(cli, demo_set: dict, base_name: str = "llama") -> None:
-    ok_json(cli, "base", "add", demo_set["base"], "--name", base_name)
-    for path in demo_set["adapters"].values():
-        ok_json(cli, "adapter", "add", path, "--base", base_name)
 
 
 def _tree(folder: Path) -> list[str]:

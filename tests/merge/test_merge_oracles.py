@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import ok_json
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -27,12 +28,6 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 # --- helpers --------------------------------------------------------------------------------
-
-
-def ok_json(cli, *args):
-    code, out, err = cli(*args, "--json")
-    assert code == 0, (args, out, err)
-    return json.loads(out)
 
 
 def register(cli, base: Path, adapters: dict[str, Path], base_name: str = "base") -> None:
