@@ -165,6 +165,8 @@ def _coerce(strategy: str, p: Any, value: Any) -> Any:
             if math.isfinite(number):
                 return number
         elif p.type is int and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
             number = float(value)
             if number.is_integer():
                 return int(number)
@@ -324,8 +326,8 @@ def execute(
                             params,
                             seed,
                             torch_dtype(t.code),
+                            workspace,
                         )
-                        job.workspace = workspace
                     else:
                         job = base.get(t.source)
                     out_bytes = math.prod(t.shape) * _CODE_BYTES.get(t.code, 1)
@@ -386,6 +388,7 @@ def _tensor_op(
     params: dict[str, Any],
     seed: int,
     out_dtype: torch.dtype,
+    workspace: Workspace,
 ) -> TensorMergeOp:
     contributions: list[LoraFactors | DenseDelta] = []
     idx: list[int] = []
@@ -418,6 +421,7 @@ def _tensor_op(
         out_dtype=out_dtype,
         dora_magnitude=magnitude,
         dora_rows_are_dim0=rows_dim0,
+        workspace=workspace,
     )
 
 
