@@ -6,7 +6,8 @@ Measures, in one run on one machine, wall time, peak RSS and peak anonymous memo
   (c) PEFT: load + merge_and_unload + save_pretrained (same adapter);
   (d) `adaptr merge --strategy ties` over 3 rank-16 adapters;
   (e) mergekit `ties` over the same 3 adapters (base+lora inputs, which merge each LoRA into a full model
-      first), and (e') mergekit `ties` given the pre-merged full models.
+      first), and (e') mergekit `ties` given the pre-merged full models;
+  (f) `adaptr merge --strategy dare_ties` and (f') mergekit `dare_ties` on the pre-merged models.
 and writes docs/benchmarks.md. Not a test: run `make bench` (or this script) on an idle machine.
 
 Usage: python benchmarks/bench_merge.py [--workdir .bench] [--small]   (--small: a 0.1B model, quick check)
@@ -131,9 +132,11 @@ PEFT_MERGE = textwrap.dedent("""
 """)
 
 
-def mergekit_config(base: Path, models: list[str], density: float) -> str:
+def mergekit_config(base: Path, models: list[str], density: float, method: str = "ties") -> str:
+    # dare_ties keeps mergekit's default rescale (L1-norm matching), which adaptr runs as
+    # `--rescale l1`; normalize as adaptr's dare_ties does. Masks differ (both seeded).
     lines = [
-        "merge_method: ties",
+        f"merge_method: {method}",
         f"base_model: {base}",
         "dtype: bfloat16",
         "parameters: {normalize: true, lambda: 1.0}",
@@ -274,6 +277,19 @@ def main() -> None:
         "mergekit ties (pre-merged full models)",
         [str(BIN / "mergekit-yaml"), str(cfg2), str(outs / "mk-full"), "--lazy-unpickle"],
     )
+    results["adaptr_dare"] = run(
+        "adaptr merge --strategy dare_ties (3 adapters)",
+        adaptr
+        + ["merge", "-a", "a0", "-a", "a1", "-a", "a2", "--strategy", "dare_ties"]
+        + ["--density", str(args.density), "--rescale", "l1", "--name", "dare"],
+        env,
+    )
+    cfg3 = outs / "mergekit-dare.yml"
+    cfg3.write_text(mergekit_config(base, [str(p) for p in premerged], args.density, method="dare_ties"))
+    results["mergekit_dare"] = run(
+        "mergekit dare_ties (pre-merged full models)",
+        [str(BIN / "mergekit-yaml"), str(cfg3), str(outs / "mk-dare"), "--lazy-unpickle"],
+    )
     info = machine()
     from adaptr.io.safetensors_io import open_weights
 
@@ -309,7 +325,17 @@ def write_report(path: Path, r: dict, info: dict, params: dict, shape: str, dens
         "|---|---|---|---|---|",
         *(
             row(k)
-            for k in ("floor", "adaptr_simple", "peft", "adaptr_ties", "mergekit_lora", "mergekit_full")
+            for k in (
+                "floor",
+                "adaptr_simple",
+                "peft",
+                "adaptr_ties",
+                "mergekit_lora",
+                "mergekit_full",
+                "adaptr_dare",
+                "mergekit_dare",
+            )
+            if k in r
         ),
         "",
         "Ratios (higher is better for adaptr):",
@@ -319,6 +345,15 @@ def write_report(path: Path, r: dict, info: dict, params: dict, shape: str, dens
         f"- TIES over 3 adapters: adaptr is **{ties_vs_mk:.1f}×** faster than mergekit on base+lora inputs "
         f"(target ≥ 5×) and {ties_vs_mk_full:.1f}× faster than mergekit given pre-merged full models; "
         f"{r['adaptr_ties']['wall_s'] / r['floor']['wall_s']:.2f}× the I/O floor (target ≤ 5×).",
+        *(
+            [
+                f"- DARE-TIES over 3 adapters (not a target): adaptr is "
+                f"**{r['mergekit_dare']['wall_s'] / r['adaptr_dare']['wall_s']:.1f}×** faster than mergekit given "
+                f"pre-merged full models, at {r['adaptr_dare']['wall_s'] / r['floor']['wall_s']:.2f}× the I/O floor."
+            ]
+            if "adaptr_dare" in r
+            else []
+        ),
         f"- peak anonymous memory: adaptr simple {r['adaptr_simple']['peak_anon'] / size:.2f}× and ties "
         f"{r['adaptr_ties']['peak_anon'] / size:.2f}× the model size; PEFT {r['peft']['peak_anon'] / size:.2f}×, "
         f"mergekit {r['mergekit_lora']['peak_anon'] / size:.2f}×.",
