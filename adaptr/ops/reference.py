@@ -230,6 +230,10 @@ def _bits_to_float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
+def _float_bits(value: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
 def _locate_from_top(counts: Tensor, k: int) -> int:
     """Index of the bin holding the k-th element (1-based) counted from the highest bin down."""
     from_top = counts.flip(0).cumsum(0)
@@ -320,7 +324,7 @@ def _guess_window(flat: Tensor, k: int) -> tuple[int, int]:
         estimate = float(np.partition(sample.numpy(), m - rank)[m - rank])
     else:
         estimate = float(sample.kthvalue(m - rank + 1).values)
-    bucket = min(_INF_BUCKET, struct.unpack("<i", struct.pack("<f", estimate))[0] >> 16)
+    bucket = min(_INF_BUCKET, _float_bits(estimate) >> 16)
     h0 = min(max(0, bucket - 1), _HI_BUCKETS - _GUESS_WIDTH)
     return h0, _GUESS_WIDTH
 
@@ -877,4 +881,4 @@ def ties_merge(
 
 def _below(value: float) -> float:
     """The largest float32 below a positive float32 ``value`` (NaN stays NaN, dropping everything)."""
-    return _bits_to_float(struct.unpack("<i", struct.pack("<f", value))[0] - 1)
+    return _bits_to_float(_float_bits(value) - 1)
