@@ -168,28 +168,84 @@ class MergeStrategy(Protocol):
     ) -> torch.Tensor: ...
 
 
+@dataclass(frozen=True)
+class PartSpec:
+    """One stored tensor a quantizer writes for a source tensor: full name, safetensors code, shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
 @runtime_checkable
 class Quantizer(Protocol):
-    """A quantization backend (``register_quantizers``): turns float weights into a stored format.
+    """A quantization backend (``register_quantizers``): turns one float weight into stored parts.
 
-    ``quantize`` receives one float tensor and returns the tensors that replace it on disk
-    (packed weights plus their statistics), keyed by suffix; ``dequantize`` inverts it.
+    The engine streams a model one tensor at a time, so a quantizer works per tensor and must
+    say, before any weight is read, exactly which tensors it will write (``layout``): the
+    safetensors headers are fixed up front. ``params`` are resolved like a strategy's (flags,
+    YAML and REST bodies all use their names) and passed to every method.
+
+    ``name`` is the method users pass (``--method nf4``); ``quant_method`` in the checkpoint's
+    ``quantization_config`` is whatever ``config`` returns.
     """
 
     name: str
     description: str
+    params: tuple[ParamDef, ...]
 
-    def quantize(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]: ...
+    def refuse(self, name: str, shape: tuple[int, ...], dtype: str, params: dict[str, Any]) -> str | None:
+        """Why this tensor cannot be quantized (e.g. "1-D"), or None; refused tensors stay as they are."""
 
-    def dequantize(self, name: str, parts: dict[str, torch.Tensor]) -> torch.Tensor: ...
+    def layout(self, name: str, shape: tuple[int, ...], dtype: str, params: dict[str, Any]) -> list[PartSpec]:
+        """The tensors ``quantize`` returns for weight ``name`` of ``shape`` and safetensors ``dtype``."""
+
+    def quantize(self, name: str, tensor: torch.Tensor, params: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Quantize one weight; returns ``{part name: tensor}`` exactly as ``layout`` announced."""
+
+    def dequantize(
+        self, name: str, parts: dict[str, torch.Tensor], params: dict[str, Any], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Rebuild weight ``name`` (in ``dtype``, original shape) from its parts."""
+
+    def config(self, params: dict[str, Any], skipped: list[str], compute_dtype: str) -> dict[str, Any]:
+        """The ``quantization_config`` for config.json, so transformers (and vLLM) load the result."""
+
+
+@dataclass
+class ExportRequest:
+    """Everything an exporter needs; the service resolved and validated it from the catalog.
+
+    ``dest`` is an empty staging folder on the output's filesystem; for single-file formats the
+    exporter writes ``dest / filename`` and the service renames it to the user's path.
+    """
+
+    artifact: dict[str, Any]  # as ``adaptr show NAME --json`` prints it
+    manifest: ModelManifest | AdapterManifest
+    source: Path  # the artifact's folder
+    dest: Path
+    filename: str  # final file name for single-file formats (e.g. model.gguf)
+    options: dict[str, Any]  # resolved ``params``
+    base_source: Path | None = None  # adapters: the base model's folder (its config.json)
+    base_manifest: ModelManifest | None = None
+    progress: Any = None  # ``advance(n_bytes, detail=None)``
 
 
 @runtime_checkable
 class Exporter(Protocol):
-    """An output format (``register_exporters``): writes an artifact's files into a folder."""
+    """An output format (``register_exporters``): writes an artifact's files into a staging folder.
+
+    ``kinds`` are the artifact kinds it accepts (``base``, ``merged``, ``quantized``,
+    ``adapter``); ``single_file`` says whether ``--out`` names a file (GGUF) or a folder.
+    ``export`` raises ``InvalidInputError`` subclasses for what it cannot convert
+    (an unsupported architecture, say) before writing anything large.
+    """
 
     name: str
     description: str
+    kinds: tuple[str, ...]
+    single_file: bool
+    params: tuple[ParamDef, ...]
 
-    def export(self, source: Path, dest: Path, options: dict[str, Any]) -> list[str]:
-        """Write the exported files into ``dest`` (a staging folder); return their relpaths."""
+    def export(self, request: ExportRequest) -> list[str]:
+        """Write the exported files under ``request.dest``; return their relpaths."""
