@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
+import re
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +23,8 @@ from typing import Any
 
 import torch
 
-from adaptr.errors import IncompatibleAdapterError, InvalidInputError
-from adaptr.interfaces import AdapterManifest, LoraModule, MergeStrategy, ModelManifest
+from adaptr.errors import IncompatibleAdapterError, InvalidInputError, OperationError
+from adaptr.interfaces import AdapterManifest, LoraModule, MergeStrategy, ModelManifest, PartSpec, Quantizer
 from adaptr.ops.merge_tensor import DenseDelta, LoraFactors, TensorMergeOp, merge_tensor
 from adaptr.ops.reference import tensor_seed
 from adaptr.ops.workspace import Workspace
@@ -30,6 +32,7 @@ from adaptr.ops.workspace import Workspace
 WEIGHT_FILE_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 _FLOAT_CODES = {"F32", "F16", "BF16", "F64"}
 _CODE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+log = logging.getLogger("adaptr")
 
 
 @dataclass
@@ -52,6 +55,27 @@ class OutputTensor:
     bias: list[tuple[int, LoraModule]] = field(default_factory=list)
     replacement: tuple[int, str] | None = None
     dora: tuple[int, LoraModule] | None = None
+    parts: list[PartSpec] | None = None  # written instead of the tensor when the output is quantized
+    roundtrip: bool = False  # the base weight goes through quantize→dequantize first (QLoRA)
+
+    @property
+    def specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The stored tensors this output becomes: itself, or its quantized parts."""
+        if self.parts is None:
+            return [(self.name, self.code, tuple(self.shape))]
+        return [(p.name, p.dtype, tuple(p.shape)) for p in self.parts]
+
+
+@dataclass
+class QuantStep:
+    """A quantizer with resolved parameters, applied to some tensors of a plan."""
+
+    quantizer: Quantizer
+    params: dict[str, Any]
+
+    def roundtrip(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        parts = self.quantizer.quantize(name, tensor, self.params)
+        return self.quantizer.dequantize(name, parts, self.params, tensor.dtype)
 
 
 @dataclass
@@ -61,7 +85,53 @@ class MergePlan:
 
     @property
     def output_bytes(self) -> int:
+        return sum(_nbytes(code, shape) for t in self.tensors for _, code, shape in t.specs)
+
+    @property
+    def source_bytes(self) -> int:
+        """Bytes of every output tensor before quantization: the work a progress bar counts."""
         return sum(math.prod(t.shape) * _CODE_BYTES.get(t.code, 1) for t in self.tensors)
+
+
+def _nbytes(code: str, shape: Any) -> int:
+    from adaptr.io.safetensors_io import DTYPE_BITS
+
+    return DTYPE_BITS.get(code, 8) * math.prod(shape) // 8
+
+
+# Modules that stay in full precision unless ``--skip`` says otherwise: the head and the
+# embeddings are not Linear layers to transformers' quantizers (or are kept out of them), and
+# quantizing them costs most of the accuracy for little size.
+DEFAULT_SKIP = ("lm_head", "embed_tokens", "wte", "wpe")
+
+
+def module_skipped(module: str, patterns: Sequence[str]) -> bool:
+    """transformers' rule (``should_convert_module``), so a skip list means the same to both."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{p}){boundary}", module) or module.endswith(p) for p in patterns)
+
+
+def plan_quantization(plan: MergePlan, step: QuantStep, skip: Sequence[str], *, parts: bool) -> list[str]:
+    """Mark the weights ``step`` applies to: as quantized output (``parts``) or as QLoRA round
+    trips. Returns the skip list transformers must be told (patterns + refused 2-D weights)."""
+    refused: list[str] = []
+    for t in plan.tensors:
+        if t.replacement is not None or not t.name.endswith(".weight"):
+            continue
+        module = t.name.removesuffix(".weight")
+        if module_skipped(module, skip):
+            continue
+        reason = step.quantizer.refuse(t.name, tuple(t.shape), t.code, step.params)
+        if reason is not None:
+            if len(t.shape) == 2:
+                refused.append(module)
+                log.debug("%s stays unquantized: %s", t.name, reason)
+            continue
+        if parts:
+            t.parts = list(step.quantizer.layout(t.name, tuple(t.shape), t.code, step.params))
+        else:
+            t.roundtrip = True
+    return [*skip, *refused]
 
 
 def _out_code(in_code: str, dtype: str | None) -> str:
@@ -135,21 +205,22 @@ def plan_merge(
     return MergePlan(out, untied)
 
 
-def resolve_params(strategy: MergeStrategy, given: dict[str, Any]) -> dict[str, Any]:
-    defs = {p.name: p for p in strategy.params}
+def resolve_params(plugin: Any, given: dict[str, Any], kind: str = "strategy") -> dict[str, Any]:
+    """Every declared parameter of a strategy or quantizer, given or defaulted, as its type."""
+    defs = {p.name: p for p in plugin.params}
     unknown = sorted(set(given) - set(defs))
     if unknown:
         takes = ", ".join(sorted(defs)) or "no parameters"
         raise InvalidInputError(
-            f"strategy {strategy.name!r} does not take {', '.join(unknown)}; it takes {takes}"
+            f"{kind} {plugin.name!r} does not take {', '.join(unknown)}; it takes {takes}"
         )
-    return {name: _coerce(strategy.name, p, given.get(name, p.default)) for name, p in defs.items()}
+    return {name: _coerce(plugin.name, p, given.get(name, p.default), kind) for name, p in defs.items()}
 
 
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
-def _coerce(strategy: str, p: Any, value: Any) -> Any:
+def _coerce(owner: str, p: Any, value: Any, kind: str = "strategy") -> Any:
     """A parameter value as its declared type; strings (``--param KEY=VALUE``) are parsed."""
     if value is None or p.type not in (float, int, bool, str):
         return value
@@ -174,11 +245,18 @@ def _coerce(strategy: str, p: Any, value: Any) -> Any:
             return str(value)
     except (TypeError, ValueError):
         pass
-    kind = {float: "a finite number", int: "a whole number", bool: "true or false"}[p.type]
-    raise InvalidInputError(f"parameter {p.name!r} of strategy {strategy!r} must be {kind}, got {value!r}")
+    want = {float: "a finite number", int: "a whole number", bool: "true or false"}[p.type]
+    raise InvalidInputError(f"parameter {p.name!r} of {kind} {owner!r} must be {want}, got {value!r}")
 
 
-def copy_side_files(base_path: Path, dest: Path, *, dtype: str | None, untied: bool) -> None:
+def copy_side_files(
+    base_path: Path,
+    dest: Path,
+    *,
+    dtype: str | None,
+    untied: bool,
+    quantization_config: dict[str, Any] | None = None,
+) -> None:
     """Config, tokenizer and generation files travel with the weights; config records the changes."""
     import shutil
 
@@ -199,6 +277,8 @@ def copy_side_files(base_path: Path, dest: Path, *, dtype: str | None, untied: b
         cfg["tie_word_embeddings"] = False
         if isinstance(cfg.get("text_config"), dict):
             cfg["text_config"]["tie_word_embeddings"] = False
+    if quantization_config is not None:
+        cfg["quantization_config"] = quantization_config
     (dest / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -207,14 +287,24 @@ def execute(
     *,
     base_path: Path,
     adapters: list[AdapterInput],
-    strategy: MergeStrategy,
+    strategy: MergeStrategy | None,
     params: dict[str, Any],
     seed: int,
     dest: Path,
     max_shard_size: int,
     progress: Callable[[int], None],
+    quantize: QuantStep | None = None,
+    qlora: QuantStep | None = None,
+    tee: Path | None = None,
+    report: dict[str, dict[str, float]] | None = None,
 ) -> dict[str, str]:
-    """Stream every output tensor into ``dest`` (sharded safetensors); return each file's sha256."""
+    """Stream every output tensor into ``dest`` (sharded safetensors); return each file's sha256.
+
+    ``quantize`` turns the tensors planned with parts into their quantized parts in the same
+    pass, recording each one's error in ``report``; ``qlora`` round-trips the base weights
+    marked ``roundtrip`` before anything is added to them; ``tee`` also writes the
+    unquantized result there (the merge report compares both).
+    """
     import contextlib
 
     from safetensors import safe_open
@@ -222,9 +312,10 @@ def execute(
     from adaptr.io.safetensors_io import StreamingShardWriter, open_weights, torch_dtype
     from adaptr.plugins import get_host
 
-    kernel_params = {"strategy": strategy.name, **params}
+    kernel_params = {"strategy": strategy.name if strategy else None, **params}
     kernels: dict[tuple[str, str], Callable[[TensorMergeOp], torch.Tensor]] = {}
     reference = functools.partial(merge_tensor, strategy=strategy)
+    from adaptr.ops.quant_error import error_stats
 
     def kernel_for(device: str, dtype: torch.dtype) -> Callable[[TensorMergeOp], torch.Tensor]:
         key = (device, str(dtype).removeprefix("torch."))
@@ -235,7 +326,7 @@ def execute(
             kernels[key] = claimed or reference
         return kernels[key]
 
-    specs = [(t.name, t.code, tuple(t.shape)) for t in plan.tensors]
+    specs = [spec for t in plan.tensors for spec in t.specs]
     weights = open_weights(base_path)
     workers = merge_workers()
     # Tensors are merged concurrently only while their estimated working memory fits in
@@ -246,9 +337,11 @@ def execute(
     # pool keeps at most half the budget.
     workspace = Workspace(budget // 2)
 
-    def produce(t: OutputTensor, job: Any) -> torch.Tensor:
+    def produce(t: OutputTensor, job: Any) -> _Produced:
         out_dtype = torch_dtype(t.code)
         if isinstance(job, TensorMergeOp):
+            if t.roundtrip and qlora is not None:
+                job.base = qlora.roundtrip(t.source, job.base)
             value = kernel_for(str(job.base.device), out_dtype)(job)
             # min and max are one fast vectorised pass in the tensor's own dtype (a float32 sum of
             # bf16 is ten times slower), and NaN and ±Inf show up in one of them.
@@ -257,8 +350,21 @@ def execute(
                     f"merging produced NaN/Inf in {t.name}; check the adapters' weights and the strategy "
                     "parameters"
                 )
-            return value
-        return job if job.dtype == out_dtype else job.to(out_dtype)
+        else:
+            value = job if job.dtype == out_dtype else job.to(out_dtype)
+            if t.roundtrip and qlora is not None:
+                value = qlora.roundtrip(t.source, value)
+        if t.parts is None or quantize is None:
+            return _Produced([(t.name, value)], value, None)
+        parts = quantize.quantizer.quantize(t.name, value, quantize.params)
+        planned = [p.name for p in t.parts]
+        if list(parts) != planned:
+            raise OperationError(
+                f"quantizer {quantize.quantizer.name!r} returned {list(parts)} for {t.name}, but its layout "
+                f"announced {planned}; report this to the plugin's authors"
+            )
+        approx = quantize.quantizer.dequantize(t.name, parts, quantize.params, value.dtype)
+        return _Produced(list(parts.items()), value, error_stats(value, approx))
 
     _return_freed_memory()
     previous_threads = torch.get_num_threads()
@@ -276,6 +382,12 @@ def execute(
             writer = stack.enter_context(
                 StreamingShardWriter(dest, specs, max_shard_size=max_shard_size, check_space=False)
             )
+            tee_writer = None
+            if tee is not None:
+                tee_specs = [(t.name, t.code, tuple(t.shape)) for t in plan.tensors]
+                tee_writer = stack.enter_context(
+                    StreamingShardWriter(tee, tee_specs, max_shard_size=max_shard_size, check_space=False)
+                )
             pool = stack.enter_context(
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaptr-merge")
             )
@@ -300,9 +412,15 @@ def execute(
                         raise j.future.exception()
                 while window and window[0].future.done():
                     job = window.popleft()
-                    value = job.future.result()
-                    writer.write(job.tensor.name, value)
+                    produced = job.future.result()
+                    for name, value in produced.stored:
+                        writer.write(name, value)
+                    if tee_writer is not None:
+                        tee_writer.write(job.tensor.name, produced.value)
+                    if report is not None and produced.error is not None:
+                        report[job.tensor.name] = produced.error
                     done += 1
+                    value = produced.value
                     progress(value.numel() * value.element_size(), f"{done}/{len(plan.tensors)} tensors")
 
             try:
@@ -349,6 +467,13 @@ def execute(
 
 
 @dataclass
+class _Produced:
+    stored: list[tuple[str, torch.Tensor]]  # what the writer gets, in layout order
+    value: torch.Tensor  # the unquantized output tensor
+    error: dict[str, float] | None  # quantization error of this tensor
+
+
+@dataclass
 class _Job:
     tensor: OutputTensor
     future: Future
@@ -374,9 +499,11 @@ def _working_bytes(t: OutputTensor) -> int:
     the fp32 result and the cast output; copies need the tensor twice at most."""
     n = math.prod(t.shape)
     contributions = len(t.lora) + len(t.bias)
+    # Quantizing keeps float32 working copies for the parts, the round trip and the error.
+    quant = n * 4 * 3 if (t.parts is not None or t.roundtrip) else 0
     if contributions:
-        return n * 4 * (2 * contributions + 2)
-    return n * _CODE_BYTES.get(t.code, 1) * 2
+        return n * 4 * (2 * contributions + 2) + quant
+    return n * _CODE_BYTES.get(t.code, 1) * 2 + quant
 
 
 def _tensor_op(

@@ -48,6 +48,19 @@ class MergeSpec(BaseModel):
     new_version: bool = Field(False, description="Add a new version when NAME exists.")
     verify: bool = Field(False, description="Compare logits against the unmerged adapter (simple merges).")
     verify_tolerance: float = Field(0.05, gt=0, description="Largest allowed max |logit difference|.")
+    qlora: str | None = Field(
+        None, description="Quantizer the adapters were trained on (nf4): merge into its dequantized base."
+    )
+    qlora_params: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of the --qlora quantizer (e.g. double_quant)."
+    )
+    requantize: str | None = Field(None, description="Quantize the merged result in the same pass (nf4).")
+    quant_params: dict[str, Any] = Field(
+        default_factory=dict, description="Parameters of the --requantize quantizer."
+    )
+    skip: list[str] | None = Field(
+        None, description="Modules left unquantized (default: lm_head and the embeddings)."
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -81,6 +94,46 @@ class MergeSpec(BaseModel):
             "rescale": self.rescale,
         }
         return {**{k: v for k, v in given.items() if v is not None}, **self.params}
+
+
+class QuantizeSpec(BaseModel):
+    """Which model to quantize, with which quantizer, and the name of the result."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    input: str = Field(..., description="Base or merged model to quantize (NAME[@N]).")
+    method: str = Field(..., description="Quantizer: nf4, fp4, int8, fp8 or a plugin's.")
+    double_quant: bool | None = Field(None, description="Quantize the block scales too (nf4, fp4).")
+    blocksize: int | None = Field(None, description="Weights per scale block (nf4, fp4; default 64).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Other quantizer parameters.")
+    skip: list[str] | None = Field(
+        None, description="Modules left unquantized (default: lm_head and the embeddings)."
+    )
+    name: str = Field(..., description="Catalog name of the quantized model.")
+    new_version: bool = Field(False, description="Add a new version when NAME exists.")
+    max_shard_size: str | int = Field("5GB", description="Largest output shard (decimal units, e.g. 5GB).")
+
+    def quantizer_args(self) -> dict[str, Any]:
+        given = {"double_quant": self.double_quant, "blocksize": self.blocksize}
+        return {**{k: v for k, v in given.items() if v is not None}, **self.params}
+
+
+class ExportSpec(BaseModel):
+    """Which artifact to export, in which format, to which path."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    input: str = Field(..., description="Artifact to export (NAME[@N]).")
+    format: str = Field(..., description="Exporter: gguf or a plugin's.")
+    out: Path = Field(..., description="Output path: a file (gguf) or a folder.")
+    quant: str | None = Field(
+        None, description="Tensor type inside the export (gguf: f16, bf16, q8_0, q4_0)."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="Other exporter parameters.")
+    force: bool = Field(False, description="Replace an existing output path.")
+
+    def exporter_args(self) -> dict[str, Any]:
+        return {**({"quant": self.quant} if self.quant is not None else {}), **self.params}
 
 
 def validate_spec(cls: type[BaseModel], data: dict[str, Any], source: str = "merge options") -> Any:

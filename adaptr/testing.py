@@ -26,6 +26,8 @@ __all__ = [
     "make_gpt2_base",
     "make_llama_base",
     "make_lora_adapter",
+    "make_mistral_base",
+    "make_qwen2_base",
 ]
 
 DEFAULT_TARGETS_ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -151,6 +153,58 @@ def _write_generation_config(out: Path, bos: int, eos: int) -> None:
     )
 
 
+def _decoder_shapes(
+    *,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    vocab_size: int,
+    tie_word_embeddings: bool,
+    qkv_bias: bool,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """State-dict order of a Llama-style decoder (Llama, Mistral, Qwen2 share the layout)."""
+    head_dim = hidden_size // num_attention_heads
+    kv_size = num_key_value_heads * head_dim
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab_size, hidden_size))]
+    for i in range(num_hidden_layers):
+        p = f"model.layers.{i}."
+        attn = [
+            (p + "self_attn.q_proj.weight", (num_attention_heads * head_dim, hidden_size)),
+            (p + "self_attn.k_proj.weight", (kv_size, hidden_size)),
+            (p + "self_attn.v_proj.weight", (kv_size, hidden_size)),
+        ]
+        if qkv_bias:
+            attn = [
+                attn[0],
+                (p + "self_attn.q_proj.bias", (num_attention_heads * head_dim,)),
+                attn[1],
+                (p + "self_attn.k_proj.bias", (kv_size,)),
+                attn[2],
+                (p + "self_attn.v_proj.bias", (kv_size,)),
+            ]
+        shapes += attn + [
+            (p + "self_attn.o_proj.weight", (hidden_size, num_attention_heads * head_dim)),
+            (p + "mlp.gate_proj.weight", (intermediate_size, hidden_size)),
+            (p + "mlp.up_proj.weight", (intermediate_size, hidden_size)),
+            (p + "mlp.down_proj.weight", (hidden_size, intermediate_size)),
+            (p + "input_layernorm.weight", (hidden_size,)),
+            (p + "post_attention_layernorm.weight", (hidden_size,)),
+        ]
+    shapes.append(("model.norm.weight", (hidden_size,)))
+    if not tie_word_embeddings:
+        shapes.append(("lm_head.weight", (vocab_size, hidden_size)))
+    return shapes
+
+
+def _check_decoder_args(hidden_size: int, num_attention_heads: int, num_key_value_heads: int, vocab_size: int):
+    if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
+        raise ValueError("hidden_size must divide by num_attention_heads, and heads by num_key_value_heads")
+    if vocab_size < 3:
+        raise ValueError("vocab_size must leave room for the bos (1) and eos (2) token ids")
+
+
 def make_llama_base(
     path: str | Path,
     *,
@@ -164,33 +218,29 @@ def make_llama_base(
     tie_word_embeddings: bool = False,
     seed: int = 0,
     max_shard_size: int | None = None,
+    tokenizer: bool = False,
 ) -> Path:
-    """Write a tiny random LlamaForCausalLM folder (GQA by default, optionally sharded)."""
-    if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
-        raise ValueError("hidden_size must divide by num_attention_heads, and heads by num_key_value_heads")
-    if vocab_size < 3:
-        raise ValueError("vocab_size must leave room for the bos (1) and eos (2) token ids")
+    """Write a tiny random LlamaForCausalLM folder (GQA by default, optionally sharded).
+
+    ``tokenizer=True`` adds a byte-level BPE tokenizer (Llama-3 style, adds bos) of exactly
+    ``vocab_size`` tokens, which then must be at least ``MIN_TOKENIZER_VOCAB``.
+    """
+    _check_decoder_args(hidden_size, num_attention_heads, num_key_value_heads, vocab_size)
     _torch_dtype(dtype)
+    if tokenizer:
+        _check_tokenizer_vocab(vocab_size)
     out = _prepare_dir(path, _WEIGHT_FILES)
     head_dim = hidden_size // num_attention_heads
-    kv_size = num_key_value_heads * head_dim
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab_size, hidden_size))]
-    for i in range(num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes += [
-            (p + "self_attn.q_proj.weight", (num_attention_heads * head_dim, hidden_size)),
-            (p + "self_attn.k_proj.weight", (kv_size, hidden_size)),
-            (p + "self_attn.v_proj.weight", (kv_size, hidden_size)),
-            (p + "self_attn.o_proj.weight", (hidden_size, num_attention_heads * head_dim)),
-            (p + "mlp.gate_proj.weight", (intermediate_size, hidden_size)),
-            (p + "mlp.up_proj.weight", (intermediate_size, hidden_size)),
-            (p + "mlp.down_proj.weight", (hidden_size, intermediate_size)),
-            (p + "input_layernorm.weight", (hidden_size,)),
-            (p + "post_attention_layernorm.weight", (hidden_size,)),
-        ]
-    shapes.append(("model.norm.weight", (hidden_size,)))
-    if not tie_word_embeddings:
-        shapes.append(("lm_head.weight", (vocab_size, hidden_size)))
+    shapes = _decoder_shapes(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        qkv_bias=False,
+    )
 
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -222,7 +272,234 @@ def make_llama_base(
     _write_json(out / "config.json", config)
     _write_generation_config(out, 1, 2)
     _write_model_weights(out, _random_state(shapes, seed, dtype), max_shard_size)
+    if tokenizer:
+        _write_tokenizer(out, vocab_size=vocab_size, style="llama3", max_length=128)
     return out
+
+
+def make_mistral_base(
+    path: str | Path,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vocab_size: int = 256,
+    dtype: str = "float32",
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    tokenizer: bool = False,
+    sliding_window: int | None = None,
+) -> Path:
+    """Write a tiny random MistralForCausalLM folder: Llama's layout under Mistral's config."""
+    _check_decoder_args(hidden_size, num_attention_heads, num_key_value_heads, vocab_size)
+    _torch_dtype(dtype)
+    if tokenizer:
+        _check_tokenizer_vocab(vocab_size)
+    out = _prepare_dir(path, _WEIGHT_FILES)
+    shapes = _decoder_shapes(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        qkv_bias=False,
+    )
+    config = {
+        "architectures": ["MistralForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "dtype": dtype,
+        "eos_token_id": 2,
+        "head_dim": hidden_size // num_attention_heads,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": _STD,
+        "intermediate_size": intermediate_size,
+        "max_position_embeddings": 128,
+        "model_type": "mistral",
+        "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_hidden_layers,
+        "num_key_value_heads": num_key_value_heads,
+        "pad_token_id": None,
+        "rms_norm_eps": 1e-05,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "sliding_window": sliding_window,
+        "tie_word_embeddings": tie_word_embeddings,
+        "transformers_version": _version("transformers", "5.0.0"),
+        "use_cache": True,
+        "vocab_size": vocab_size,
+    }
+    _write_json(out / "config.json", config)
+    _write_generation_config(out, 1, 2)
+    _write_model_weights(out, _random_state(shapes, seed, dtype), None)
+    if tokenizer:
+        _write_tokenizer(out, vocab_size=vocab_size, style="llama3", max_length=128)
+    return out
+
+
+def make_qwen2_base(
+    path: str | Path,
+    *,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    vocab_size: int = 256,
+    dtype: str = "float32",
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    tokenizer: bool = False,
+) -> Path:
+    """Write a tiny random Qwen2ForCausalLM folder: Llama's layout plus q/k/v biases.
+
+    ``tokenizer=True`` adds a Qwen2-style byte-level BPE tokenizer (single-digit split, no bos
+    added) of exactly ``vocab_size`` tokens.
+    """
+    _check_decoder_args(hidden_size, num_attention_heads, num_key_value_heads, vocab_size)
+    _torch_dtype(dtype)
+    if tokenizer:
+        _check_tokenizer_vocab(vocab_size)
+    out = _prepare_dir(path, _WEIGHT_FILES)
+    shapes = _decoder_shapes(
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie_word_embeddings,
+        qkv_bias=True,
+    )
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "dtype": dtype,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": hidden_size,
+        "initializer_range": _STD,
+        "intermediate_size": intermediate_size,
+        "layer_types": ["full_attention"] * num_hidden_layers,
+        "max_position_embeddings": 128,
+        "max_window_layers": num_hidden_layers,
+        "model_type": "qwen2",
+        "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_hidden_layers,
+        "num_key_value_heads": num_key_value_heads,
+        "pad_token_id": None,
+        "rms_norm_eps": 1e-06,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "sliding_window": None,
+        "tie_word_embeddings": tie_word_embeddings,
+        "transformers_version": _version("transformers", "5.0.0"),
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": vocab_size,
+    }
+    _write_json(out / "config.json", config)
+    _write_generation_config(out, 1, 2)
+    _write_model_weights(out, _random_state(shapes, seed, dtype), None)
+    if tokenizer:
+        _write_tokenizer(out, vocab_size=vocab_size, style="qwen2", max_length=128)
+    return out
+
+
+# --- Tokenizer ------------------------------------------------------------------------------
+
+# Byte-level BPE needs all 256 byte symbols plus the three special tokens, and some merges.
+MIN_TOKENIZER_VOCAB = 288
+_SPECIAL_TOKENS = ("<|pad|>", "<|begin_of_text|>", "<|end_of_text|>")  # ids 0, 1 (bos), 2 (eos)
+# The split regexes of Llama 3 and Qwen2 tokenizer.json files; llama.cpp knows both by name.
+_SPLIT_REGEX = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+_TOKENIZER_CORPUS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Low-rank adapters change a model a little; merging them changes it more.",
+    "A catalog remembers every base model, adapter and merge it has seen.",
+    "Quantization trades a little accuracy for a lot less memory.",
+    "llama.cpp runs GGUF files on laptops, phones and servers alike.",
+    "Numbers like 3, 42, 1234 and 3.14159 are split into digits.",
+    "Hello, world! How are you today? I'm fine, thanks; and you're?",
+    "Tokenizers turn text into ids, and ids back into text.",
+    "   Leading spaces, tabs\tand\nnew lines matter too.",
+    "Ünïcödé, naïve café, 東京, and emoji 🙂 are bytes as well.",
+)
+
+
+def _check_tokenizer_vocab(vocab_size: int) -> None:
+    if vocab_size < MIN_TOKENIZER_VOCAB:
+        raise ValueError(
+            f"a byte-level BPE tokenizer needs vocab_size >= {MIN_TOKENIZER_VOCAB} "
+            f"(256 bytes, 3 special tokens, merges), got {vocab_size}"
+        )
+
+
+def _write_tokenizer(out: Path, *, vocab_size: int, style: str, max_length: int) -> None:
+    """Train a byte-level BPE on the embedded corpus (deterministic) and pad it to ``vocab_size``
+    with reserved special tokens, as Llama 3 does, so ids and the embedding rows line up."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_REGEX[style]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(_TOKENIZER_CORPUS) * 4, trainer)
+    reserved = vocab_size - tok.get_vocab_size()
+    if reserved:
+        from tokenizers import AddedToken
+
+        tok.add_special_tokens(
+            [AddedToken(f"<|reserved_special_token_{i}|>", special=True) for i in range(reserved)]
+        )
+    add_bos = style == "llama3"
+    bos, eos, pad = _SPECIAL_TOKENS[1], _SPECIAL_TOKENS[2], _SPECIAL_TOKENS[0]
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 1)]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    data = json.loads(tok.to_str())
+    (out / "tokenizer.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_json(
+        out / "tokenizer_config.json",
+        {
+            "add_bos_token": add_bos,
+            "add_eos_token": False,
+            "bos_token": bos,
+            "chat_template": _CHAT_TEMPLATE,
+            "clean_up_tokenization_spaces": False,
+            "eos_token": eos,
+            "model_max_length": max_length,
+            "pad_token": pad,
+            "tokenizer_class": "PreTrainedTokenizerFast",
+        },
+    )
+    _write_json(out / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos, "pad_token": pad})
 
 
 def make_gpt2_base(

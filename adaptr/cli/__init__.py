@@ -41,7 +41,7 @@ class AdaptrGroup(TyperGroup):
 
 
 def build_app() -> typer.Typer:
-    from adaptr.cli import adapter, base, catalog, db, merge, plugins
+    from adaptr.cli import adapter, base, catalog, db, export, merge, plugins, quantize
 
     app = typer.Typer(
         cls=AdaptrGroup,
@@ -54,6 +54,8 @@ def build_app() -> typer.Typer:
     )
     catalog.register(app)
     merge.register(app)
+    quantize.register(app)
+    export.register(app)
     app.add_typer(base.app, name="base")
     app.add_typer(adapter.app, name="adapter")
     app.add_typer(db.app, name="db")

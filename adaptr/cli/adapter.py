@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaptr.cli.output import JSON_OPTION, artifact_table, catalog, emit_json, show_artifact
+from adaptr.cli.output import JSON_OPTION, artifact_table, catalog, emit_json, parse_pairs, show_artifact
 
 app = typer.Typer(help="Register and inspect LoRA adapters.", no_args_is_help=True)
 
@@ -18,10 +18,24 @@ def add(
     name: str = typer.Option(None, "--name", help="Catalog name (default: the folder name)."),
     tag: list[str] = typer.Option([], "--tag", help="Tag to attach (repeatable)."),
     new_version: bool = typer.Option(False, "--new-version", help="Add a new version of an existing name."),
+    trained_on: str = typer.Option(
+        None, "--trained-on", help="Quantizer of the QLoRA base it was trained on (nf4); merges honour it."
+    ),
+    trained_on_param: list[str] = typer.Option(
+        None, "--trained-on-param", help="A parameter of that quantizer, KEY=VALUE (e.g. double_quant=true)."
+    ),
     json: bool = JSON_OPTION,
 ) -> None:
     """Validate an adapter against its base and copy it into the store."""
-    a = catalog().add_adapter(path, base=base, name=name, tags=tag, new_version=new_version)
+    a = catalog().add_adapter(
+        path,
+        base=base,
+        name=name,
+        tags=tag,
+        new_version=new_version,
+        trained_on=trained_on,
+        trained_on_params=parse_pairs(trained_on_param or [], "--trained-on-param"),
+    )
     if json:
         emit_json(a)
     else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaptr.cli.output import JSON_OPTION, catalog, emit_json
+from adaptr.cli.output import JSON_OPTION, catalog, emit_json, parse_pairs, report_lines
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -18,18 +18,6 @@ def _floats(text: str | None) -> list[float] | None:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise InvalidInputError(f"--weights {text!r}: expected comma-separated numbers like 1,0.5") from None
-
-
-def _pairs(items: list[str]) -> dict[str, str]:
-    from adaptr.errors import InvalidInputError
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise InvalidInputError(f"--param {item!r}: expected KEY=VALUE, e.g. --param gamma=0.05")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def merge(
@@ -70,6 +58,23 @@ def merge(
     verify_tolerance: float = typer.Option(
         None, "--verify-tolerance", help="Largest max |logit difference| --verify accepts (default 0.05)."
     ),
+    qlora: str = typer.Option(
+        None, "--qlora", help="Quantizer the adapters were trained on (nf4): merge into its dequantized base."
+    ),
+    qlora_param: list[str] = typer.Option(
+        None,
+        "--qlora-param",
+        help="A parameter of the --qlora quantizer, KEY=VALUE (e.g. double_quant=true).",
+    ),
+    requantize: str = typer.Option(
+        None, "--requantize", help="Quantize the merged result in the same pass (nf4, int8, fp8, ...)."
+    ),
+    quant_param: list[str] = typer.Option(
+        None, "--quant-param", help="A parameter of the --requantize quantizer, KEY=VALUE."
+    ),
+    skip: list[str] = typer.Option(
+        None, "--skip", help="Module left unquantized (repeatable; default: lm_head and the embeddings)."
+    ),
     config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
     json: bool = JSON_OPTION,
 ) -> None:
@@ -95,11 +100,21 @@ def merge(
         "new_version": new_version,
         "verify": verify,
         "verify_tolerance": verify_tolerance,
+        "qlora": qlora,
+        "requantize": requantize,
+        "skip": skip or None,
     }
     data.update({k: v for k, v in flags.items() if v is not None})
     if param:
         given = data.get("params") if isinstance(data.get("params"), dict) else {}
-        data["params"] = {**given, **_pairs(param)}
+        data["params"] = {**given, **parse_pairs(param)}
+    for key, items, flag in (
+        ("qlora_params", qlora_param, "--qlora-param"),
+        ("quant_params", quant_param, "--quant-param"),
+    ):
+        if items:
+            given = data.get(key) if isinstance(data.get(key), dict) else {}
+            data[key] = {**given, **parse_pairs(items, flag)}
     spec = validate_spec(MergeSpec, data, source=str(config) if config else "merge options")
     art = run_merge(spec, catalog=catalog())
     if json:
@@ -107,10 +122,13 @@ def merge(
     else:
         meta = art["metadata"]
         extra = f", max |Δlogit| {meta['verify']['max_abs_logit_diff']:.3g}" if "verify" in meta else ""
+        into = f"the dequantized {meta['qlora']['method']} base of " if meta.get("qlora") else ""
         typer.echo(
-            f"merged {', '.join(meta['adapters'])} into {art['base']} with {meta['strategy']} → "
+            f"merged {', '.join(meta['adapters'])} into {into}{art['base']} with {meta['strategy']} → "
             f"{art['ref']} ({art['content_hash'][:12]}){extra}"
         )
+        for line in report_lines(meta):
+            typer.echo(line)
         typer.echo(art["path"])
 
 

@@ -12,6 +12,19 @@ import typer
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
 
 
+def parse_pairs(items: list[str], flag: str = "--param") -> dict[str, str]:
+    """``KEY=VALUE`` flags as a dict; values stay strings, the spec coerces them to declared types."""
+    from adaptr.errors import InvalidInputError
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InvalidInputError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} gamma=0.05")
+        out[key.strip()] = value.strip()
+    return out
+
+
 def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 
@@ -40,6 +53,28 @@ def human_size(n: int | None) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{n} B"
+
+
+def _db(value: float | None) -> str:
+    return "exact" if value is None else f"{value:.2f} dB"
+
+
+def report_lines(meta: dict[str, Any]) -> list[str]:
+    """One-line summaries of a quantization error report and a QLoRA logit report, if present."""
+    lines = []
+    q = meta.get("quant_report")
+    if q and q.get("tensors"):
+        ratio = q["source_bytes"] / max(1, q["stored_bytes"])
+        lines.append(
+            f"quantization: {q['tensors']} tensors, mean relative error {q['mean_rel_error']:.4f} "
+            f"(max {q['max_rel_error']:.4f}), max abs error {q['max_abs_error']:.4g}, "
+            f"min SNR {_db(q['min_snr_db'])}, {ratio:.2f}× smaller"
+        )
+    r = meta.get("qlora_report")
+    if r:
+        parts = [f"{k} {v['max_abs_logit_diff']:.4g}" for k, v in r["models"].items()]
+        lines.append(f"max |Δlogit| against {r['reference']}: " + ", ".join(parts))
+    return lines
 
 
 class RichProgress:
@@ -122,11 +157,21 @@ def show_artifact(a: dict[str, Any]) -> None:
     t.add_row("tags", ", ".join(a["tags"]) or "-")
     t.add_row("flags", ", ".join(a["flags"]) or "-")
     for k, v in a["metadata"].items():
-        if k in ("scaling",) or v in (None, [], {}):
+        if k in ("scaling", "quant_errors", "quant_report", "qlora_report") or v in (None, [], {}):
             continue
         t.add_row(k, f"{v:.4%}" if k == "trainable_share" else str(v))
     out = stdout()
     out.print(t)
+    for line in report_lines(a["metadata"]):
+        out.print(line, markup=False, highlight=False)
+    errors = a["metadata"].get("quant_errors") or {}
+    if errors:
+        q = Table(show_edge=False, header_style="bold", title="quantization error per tensor")
+        for c in ("TENSOR", "REL ERROR", "MAX ABS ERROR", "SNR dB"):
+            q.add_column(c, justify="left" if c == "TENSOR" else "right")
+        for name, r in errors.items():
+            q.add_row(name, f"{r['rel_error']:.4f}", f"{r['max_abs_error']:.4g}", _db(r["snr_db"]))
+        out.print(q)
     files = Table(show_edge=False, header_style="bold")
     for c in ("FILE", "SIZE", "SHA256"):
         files.add_column(c)

@@ -383,9 +383,21 @@ class Catalog:
         name: str | None = None,
         tags: Sequence[str] = (),
         new_version: bool = False,
+        trained_on: str | None = None,
+        trained_on_params: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """Register a PEFT adapter on ``base``; ``trained_on`` names the quantizer of a QLoRA base
+        (``nf4``) so merges go into the weights the adapter actually saw."""
         path = Path(path).expanduser().resolve()
         name = check_name(name or path.name)
+        if trained_on_params and not trained_on:
+            raise InvalidInputError("--trained-on-param needs --trained-on METHOD")
+        trained = None
+        if trained_on:
+            from adaptr.services.quantize import quant_step
+
+            step = quant_step(trained_on, trained_on_params or {})[0]
+            trained = {"method": trained_on, "params": step.params}
         if not base:
             raise InvalidInputError(
                 "--base is required: name the catalog base model this adapter was trained on"
@@ -424,6 +436,8 @@ class Catalog:
             "scaling": {k: v.scaling for k, v in m.modules.items()},
             "source": str(path.resolve()),
         }
+        if trained:
+            meta["trained_on"] = trained
         staged = self._stage(reader, path)
         plugin = get_registry("reader").plugin_of(reader.name)
         parent = Parent(

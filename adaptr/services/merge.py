@@ -5,6 +5,7 @@ Front ends (CLI, REST, pipelines, Python) build a ``MergeSpec`` and call ``merge
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from adaptr.errors import IncompatibleAdapterError, InvalidInputError, Verificat
 from adaptr.interfaces import AdapterManifest, ModelManifest
 from adaptr.plugins import get_host, get_registry
 from adaptr.services.catalog import Catalog, Parent
+from adaptr.services.quantize import quant_step, refuse_quantized
 from adaptr.specs import MergeSpec, validate_spec
 
 log = logging.getLogger("adaptr")
@@ -26,6 +28,32 @@ _REFUSED_FLAGS = {
     "layer_replication": "uses layer_replication, which changes the model's layer layout",
     "trainable_tokens": "uses trainable_token_indices, which adaptr cannot merge yet",
 }
+
+
+_QUANTIZABLE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _trained_on(spec: MergeSpec, adapters: list[Any]) -> tuple[str, dict[str, Any]] | None:
+    """The quantized base the adapters were trained against: ``--qlora`` or what ``adapter add
+    --trained-on`` recorded. Adapters trained on different bases cannot share one merge."""
+    recorded = {f"{a.name}@{a.version}": (a.meta or {}).get("trained_on") for a in adapters}
+    if spec.qlora:
+        for ref, t in recorded.items():
+            if t and t["method"] != spec.qlora:
+                raise IncompatibleAdapterError(
+                    f"adapter {ref} was registered as trained on a {t['method']} base, not {spec.qlora}; "
+                    f"pass --qlora {t['method']} or register the adapter again"
+                )
+        given = next((t["params"] for t in recorded.values() if t), {})
+        return spec.qlora, {**given, **spec.qlora_params}
+    kinds = {json.dumps(t, sort_keys=True) if t else None for t in recorded.values()}
+    if len(kinds) > 1:
+        told = ", ".join(f"{ref} on {t['method'] if t else 'the 16-bit base'}" for ref, t in recorded.items())
+        raise IncompatibleAdapterError(
+            f"the adapters were trained on different bases ({told}); merge them separately"
+        )
+    first = next(iter(recorded.values()))
+    return (first["method"], dict(first["params"])) if first else None
 
 
 def default_strategy(n_adapters: int) -> str:
@@ -70,9 +98,17 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         )
     params = engine.resolve_params(strategy, spec.strategy_args())
     max_shard = parse_size(spec.max_shard_size)
+    if spec.qlora_params and not spec.qlora:
+        raise InvalidInputError(
+            "--qlora-param needs --qlora METHOD (the quantizer the adapters were trained on)"
+        )
+    if spec.quant_params and not spec.requantize:
+        raise InvalidInputError("--quant-param needs --requantize METHOD")
+    requant = quant_step(spec.requantize, spec.quant_params)[0] if spec.requantize else None
+    kind = "quantized" if requant else "merged"
 
     with catalog.session() as s:
-        catalog.next_version(s, spec.name, "merged", spec.new_version)
+        catalog.next_version(s, spec.name, kind, spec.new_version)
         adapter_arts = [catalog.resolve(s, ref) for ref in spec.adapters]
         for ref, a in zip(spec.adapters, adapter_arts):
             if a.kind != "adapter":
@@ -105,6 +141,9 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             inputs.append(engine.AdapterInput(f"{a.name}@{a.version}", Path(a.path), m, float(w)))
         base_path, base_ref = Path(base_art.path), f"{base_art.name}@{base_art.version}"
         base_dtype = base_manifest.dtype
+        trained_on = _trained_on(spec, adapter_arts)
+        if trained_on or requant:
+            refuse_quantized(base_ref, base_art.kind, base_art.path)
 
     mts_from = None
     if spec.modules_to_save_from is not None:
@@ -120,6 +159,25 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         mts_from = matches[0]
 
     plan = engine.plan_merge(base_manifest, inputs, dtype=spec.dtype, modules_to_save_from=mts_from)
+    if spec.skip is not None and not (trained_on or requant):
+        raise InvalidInputError(
+            "--skip chooses what --qlora or --requantize leave unquantized; give one of them"
+        )
+    skip = list(engine.DEFAULT_SKIP if spec.skip is None else spec.skip)
+    qlora = None
+    if trained_on:
+        if base_dtype not in _QUANTIZABLE_DTYPES:
+            raise InvalidInputError(
+                f"--qlora {trained_on[0]} needs a float16, bfloat16 or float32 base; {base_ref} is "
+                f"{base_dtype or 'of unknown dtype'}"
+            )
+        qlora = quant_step(*trained_on)[0]
+        engine.plan_quantization(plan, qlora, skip, parts=False)
+        if not any(t.roundtrip for t in plan.tensors):
+            raise InvalidInputError(
+                f"--qlora {trained_on[0]} quantizes no weight of {base_ref} with --skip {','.join(skip)}"
+            )
+    skipped = engine.plan_quantization(plan, requant, skip, parts=True) if requant else []
     if plan.untied:
         log.warning(
             "an adapter changes the tied input embedding/lm_head of %s: writing %s separately and setting "
@@ -134,8 +192,12 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
     )
 
     staged = catalog.store.staging()
+    # The QLoRA report compares the 16-bit merge too: with --requantize it is written beside.
+    tee = catalog.store.staging() if (spec.verify and requant) else None
+    report: dict[str, dict[str, Any]] = {}
+    qconfig = requant.quantizer.config(requant.params, skipped, base_dtype or "bfloat16") if requant else None
     try:
-        with catalog.progress.task(f"merging {spec.name}", plan.output_bytes) as advance:
+        with catalog.progress.task(f"merging {spec.name}", plan.source_bytes) as advance:
             hashes = engine.execute(
                 plan,
                 base_path=base_path,
@@ -146,17 +208,46 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
                 dest=staged,
                 max_shard_size=max_shard,
                 progress=advance,
+                quantize=requant,
+                qlora=qlora,
+                tee=tee,
+                report=report,
             )
-        engine.copy_side_files(base_path, staged, dtype=spec.dtype, untied=plan.untied is not None)
-        check = None
-        if spec.verify:
+        untied = plan.untied is not None
+        engine.copy_side_files(
+            base_path, staged, dtype=spec.dtype, untied=untied, quantization_config=qconfig
+        )
+        if tee is not None:
+            engine.copy_side_files(base_path, tee, dtype=spec.dtype, untied=untied)
+        check = qlora_report = None
+        if spec.verify and qlora is not None:
+            from adaptr.verify import qlora_logit_report
+
+            qlora_report = qlora_logit_report(
+                base_path,
+                inputs[0],
+                plan,
+                qlora,
+                merged_path=tee or staged,
+                requantized=(staged, plan, requant) if requant else None,
+                tolerance=spec.verify_tolerance,
+            )
+            check = qlora_report["models"]["merged_16bit"] | {"ok": qlora_report["ok"]}
+        elif spec.verify:
             from adaptr.verify import logit_check
 
+            if requant is not None:
+                raise InvalidInputError(
+                    "--verify with --requantize compares QLoRA merges; add --qlora METHOD"
+                )
             check = logit_check(base_path, inputs, staged, tolerance=spec.verify_tolerance)
         _, manifest = catalog._read(staged, "base")
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
         raise
+    finally:
+        if tee is not None:
+            shutil.rmtree(tee, ignore_errors=True)
 
     version = get_host().plugin_version(plugin)
     edge_params = {
@@ -166,6 +257,10 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         "adapters": [i.ref for i in inputs],
         "dtype": spec.dtype or base_dtype,
     }
+    if qlora is not None:
+        edge_params["qlora"] = {"method": qlora.quantizer.name, "params": qlora.params, "skip": skip}
+    if requant is not None:
+        edge_params["requantize"] = {"method": requant.quantizer.name, "params": requant.params, "skip": skip}
     parents = [Parent(base_art, "merge", edge_params, plugin, version, spec.seed)]
     parents += [
         Parent(a, "merge", {**edge_params, "weight": w}, plugin, version, spec.seed)
@@ -181,6 +276,21 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         "untied": plan.untied,
         "merged_tensors": sum(1 for t in plan.tensors if t.lora or t.bias or t.replacement),
     }
+    if qlora is not None:
+        meta["qlora"] = edge_params["qlora"]
+    if qlora_report is not None:
+        meta["qlora_report"] = qlora_report
+    if requant is not None:
+        from adaptr.services.quantize import summarize
+
+        meta["quantization"] = {
+            "method": requant.quantizer.name,
+            "params": requant.params,
+            "skip": skipped,
+            "quantized_tensors": len(report),
+        }
+        meta["quant_report"] = summarize(report, plan.source_bytes, plan.output_bytes)
+        meta["quant_errors"] = report
     flags = []
     if check is not None:
         meta["verify"] = check
@@ -190,7 +300,7 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         flags.append("untied_embeddings")
     art = catalog.record(
         name=spec.name,
-        kind="merged",
+        kind=kind,
         new_version=spec.new_version,
         staged=staged,
         manifest=manifest.to_dict(),

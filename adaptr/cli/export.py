@@ -1,0 +1,44 @@
+"""``adaptr export``: an artifact as a file or folder other tools load (GGUF, ...), outside the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adaptr.cli.output import JSON_OPTION, catalog, emit_json, human_size, parse_pairs
+
+
+def export(
+    name: str = typer.Argument(..., metavar="NAME[@N]", help="Artifact to export."),
+    format: str = typer.Option(..., "--format", "-f", help="gguf or a plugin's exporter."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output file (gguf) or folder."),
+    quant: str = typer.Option(
+        None, "--quant", help="Tensor type in the export (gguf: f16, bf16, q8_0, q4_0)."
+    ),
+    param: list[str] = typer.Option(None, "--param", help="Another exporter parameter, KEY=VALUE."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Write an artifact in another format; the catalog entry is left unchanged."""
+    from adaptr.services.export import export as run_export
+    from adaptr.specs import ExportSpec, validate_spec
+
+    data = {"input": name, "format": format, "out": out, "quant": quant, "force": force}
+    data = {k: v for k, v in data.items() if v is not None}
+    if param:
+        data["params"] = parse_pairs(param)
+    spec = validate_spec(ExportSpec, data, source="export options")
+    result = run_export(spec, catalog=catalog())
+    if json:
+        emit_json(result)
+        return
+    opts = ", ".join(f"{k}={v}" for k, v in result["options"].items())
+    typer.echo(
+        f"exported {result['artifact']} as {result['format']} ({opts}) → {result['out']} "
+        f"({human_size(result['size_bytes'])}, {result['seconds']:.1f} s)"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(export)

@@ -1,0 +1,65 @@
+"""``adaptr quantize``: flags (or a YAML file with the same keys) → QuantizeSpec → quantize service."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from adaptr.cli.output import JSON_OPTION, catalog, emit_json, parse_pairs, report_lines
+
+
+def quantize(
+    model: str = typer.Argument(None, metavar="MODEL", help="Base or merged model (NAME[@N])."),
+    method: str = typer.Option(None, "--method", "-m", help="nf4, fp4, int8, fp8 or a plugin's quantizer."),
+    double_quant: bool = typer.Option(
+        None, "--double-quant/--no-double-quant", help="Quantize the block scales too (nf4, fp4)."
+    ),
+    blocksize: int = typer.Option(
+        None, "--blocksize", help="Weights per scale block (nf4, fp4; default 64)."
+    ),
+    skip: list[str] = typer.Option(
+        None, "--skip", help="Module left unquantized (repeatable; default: lm_head and the embeddings)."
+    ),
+    param: list[str] = typer.Option(None, "--param", help="Another quantizer parameter, KEY=VALUE."),
+    name: str = typer.Option(None, "--name", help="Catalog name of the quantized model."),
+    new_version: bool = typer.Option(None, "--new-version", help="Add a new version when NAME exists."),
+    max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest output shard (default 5GB)."),
+    config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
+    json: bool = JSON_OPTION,
+) -> None:
+    """Quantize a model for serving and record it with its per-tensor error report."""
+    from adaptr.services.quantize import quantize as run_quantize
+    from adaptr.specs import QuantizeSpec, load_yaml, validate_spec
+
+    data = load_yaml(config) if config else {}
+    flags = {
+        "input": model,
+        "method": method,
+        "double_quant": double_quant,
+        "blocksize": blocksize,
+        "skip": skip or None,
+        "name": name,
+        "new_version": new_version,
+        "max_shard_size": max_shard_size,
+    }
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if param:
+        given = data.get("params") if isinstance(data.get("params"), dict) else {}
+        data["params"] = {**given, **parse_pairs(param)}
+    spec = validate_spec(QuantizeSpec, data, source=str(config) if config else "quantize options")
+    art = run_quantize(spec, catalog=catalog())
+    if json:
+        emit_json(art)
+        return
+    q = art["metadata"]["quantization"]
+    typer.echo(
+        f"quantized {art['parents'][0]['ref']} with {q['method']} → {art['ref']} ({art['content_hash'][:12]})"
+    )
+    for line in report_lines(art["metadata"]):
+        typer.echo(line)
+    typer.echo(art["path"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quantize)
