@@ -9,13 +9,14 @@ The engine knows strategies only through the registry; it never names one.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +75,22 @@ class QuantStep:
     params: dict[str, Any]
 
     def roundtrip(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        parts = self.quantizer.quantize(name, tensor, self.params)
-        return self.quantizer.dequantize(name, parts, self.params, tensor.dtype)
+        with _plugin_errors("quantizer", self.quantizer.name, name):
+            parts = self.quantizer.quantize(name, tensor, self.params)
+            return self.quantizer.dequantize(name, parts, self.params, tensor.dtype)
+
+
+@contextlib.contextmanager
+def _plugin_errors(kind: str, plugin: str, tensor: str) -> Iterator[None]:
+    """A plugin's own bug becomes one line naming it and the tensor; adaptr's errors pass as they are."""
+    from adaptr.errors import AdaptrError
+
+    try:
+        yield
+    except (AdaptrError, OSError, MemoryError):
+        raise
+    except Exception as e:
+        raise OperationError(f"{kind} {plugin!r} failed on {tensor}: {e}; nothing was registered") from e
 
 
 @dataclass
@@ -305,8 +320,6 @@ def execute(
     marked ``roundtrip`` before anything is added to them; ``tee`` also writes the
     unquantized result there (the merge report compares both).
     """
-    import contextlib
-
     from safetensors import safe_open
 
     from adaptr.io.safetensors_io import StreamingShardWriter, open_weights, torch_dtype
@@ -356,14 +369,15 @@ def execute(
                 value = qlora.roundtrip(t.source, value)
         if t.parts is None or quantize is None:
             return _Produced([(t.name, value)], value, None)
-        parts = quantize.quantizer.quantize(t.name, value, quantize.params)
-        planned = [p.name for p in t.parts]
-        if list(parts) != planned:
-            raise OperationError(
-                f"quantizer {quantize.quantizer.name!r} returned {list(parts)} for {t.name}, but its layout "
-                f"announced {planned}; report this to the plugin's authors"
-            )
-        approx = quantize.quantizer.dequantize(t.name, parts, quantize.params, value.dtype)
+        with _plugin_errors("quantizer", quantize.quantizer.name, t.name):
+            parts = quantize.quantizer.quantize(t.name, value, quantize.params)
+            planned = [p.name for p in t.parts]
+            if list(parts) != planned:
+                raise OperationError(
+                    f"quantizer {quantize.quantizer.name!r} returned {list(parts)} for {t.name}, but its "
+                    f"layout announced {planned}; report this to the plugin's authors"
+                )
+            approx = quantize.quantizer.dequantize(t.name, parts, quantize.params, value.dtype)
         return _Produced(list(parts.items()), value, error_stats(value, approx))
 
     _return_freed_memory()

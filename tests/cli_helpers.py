@@ -17,3 +17,16 @@ def register_demo(cli, demo_set: dict, base_name: str = "llama") -> None:
     ok_json(cli, "base", "add", demo_set["base"], "--name", base_name)
     for path in demo_set["adapters"].values():
         ok_json(cli, "adapter", "add", path, "--base", base_name)
+
+
+def read_tensors(folder) -> dict:
+    """Every tensor of a (sharded) safetensors folder, by name."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})  # noqa: SIM118 (a handle, not a dict)
+    return out

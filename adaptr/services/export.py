@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adaptr.errors import InvalidInputError, OperationError
+from adaptr.errors import AdaptrError, InvalidInputError, OperationError
 from adaptr.interfaces import AdapterManifest, ExportRequest, ModelManifest
 from adaptr.plugins import get_host, get_registry
 from adaptr.services.catalog import Catalog
@@ -85,7 +85,14 @@ def export(spec: ExportSpec | dict[str, Any], *, catalog: Catalog | None = None)
                 base_manifest=base_manifest,
                 progress=advance,
             )
-            written = exporter.export(request)
+            try:
+                written = exporter.export(request)
+            except (AdaptrError, OSError):
+                raise
+            except Exception as e:  # a plugin's bug: one line naming it, not a traceback
+                raise OperationError(
+                    f"exporter {spec.format!r} ({plugin}) failed on {ref}: {e}; nothing was written"
+                ) from e
         files = _sync(staging, written, plugin)
         if exporter.single_file:
             if written != [out.name]:
