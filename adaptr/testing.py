@@ -198,7 +198,9 @@ def _decoder_shapes(
     return shapes
 
 
-def _check_decoder_args(hidden_size: int, num_attention_heads: int, num_key_value_heads: int, vocab_size: int):
+def _check_decoder_args(
+    hidden_size: int, num_attention_heads: int, num_key_value_heads: int, vocab_size: int
+):
     if hidden_size % num_attention_heads or num_attention_heads % num_key_value_heads:
         raise ValueError("hidden_size must divide by num_attention_heads, and heads by num_key_value_heads")
     if vocab_size < 3:
@@ -451,9 +453,20 @@ def _check_tokenizer_vocab(vocab_size: int) -> None:
 def _write_tokenizer(out: Path, *, vocab_size: int, style: str, max_length: int) -> None:
     """Train a byte-level BPE on the embedded corpus (deterministic) and pad it to ``vocab_size``
     with reserved special tokens, as Llama 3 does, so ids and the embedding rows line up."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE())
+    if style == "qwen2":
+        tok.normalizer = normalizers.NFC()  # as Qwen2's own tokenizer.json
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(_SPLIT_REGEX[style]), behavior="isolated"),
@@ -479,12 +492,14 @@ def _write_tokenizer(out: Path, *, vocab_size: int, style: str, max_length: int)
     bos, eos, pad = _SPECIAL_TOKENS[1], _SPECIAL_TOKENS[2], _SPECIAL_TOKENS[0]
     if add_bos:
         tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 1)]
+            single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, 1)]
         )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     data = json.loads(tok.to_str())
-    (out / "tokenizer.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "tokenizer.json").write_text(
+        json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     _write_json(
         out / "tokenizer_config.json",
         {
@@ -497,6 +512,7 @@ def _write_tokenizer(out: Path, *, vocab_size: int, style: str, max_length: int)
             "model_max_length": max_length,
             "pad_token": pad,
             "tokenizer_class": "PreTrainedTokenizerFast",
+            "unk_token": None,
         },
     )
     _write_json(out / "special_tokens_map.json", {"bos_token": bos, "eos_token": eos, "pad_token": pad})

@@ -1,13 +1,44 @@
 """Built-in GGUF exporter: llama.cpp model files and LoRA adapters, written with the ``gguf`` package.
 
-Registered through the ``adaptr`` entry-point group like any third-party plugin.
+Registered through the ``adaptr`` entry-point group like any third-party plugin. Heavy imports
+(torch, numpy, gguf) happen inside ``export`` so listing plugins stays cheap.
 """
 
 from __future__ import annotations
 
 from adaptr import hookimpl
+from adaptr.interfaces import AdapterManifest, ExportRequest, ParamDef
+
+QUANT = ParamDef(
+    "quant", str, "f16", "GGUF tensor type for the weight matrices: f16, bf16, q8_0 or q4_0 (norms stay F32)."
+)
+
+
+class GgufExporter:
+    """One ``.gguf`` file llama.cpp loads: a Llama/Mistral/Qwen2 model, or a LoRA adapter for one."""
+
+    name = "gguf"
+    description = (
+        "llama.cpp GGUF file: Llama, Mistral and Qwen2 models (f16, bf16, q8_0, q4_0) and LoRA adapters."
+    )
+    kinds = ("base", "merged", "adapter")
+    single_file = True
+    params = (QUANT,)
+
+    def export(self, request: ExportRequest) -> list[str]:
+        from .tensors import quant_types
+
+        quant = str(request.options.get("quant", QUANT.default)).lower()
+        quant_types(quant)  # refuses unknown names before anything is read
+        if isinstance(request.manifest, AdapterManifest):
+            from .lora import export_adapter
+
+            return export_adapter(request, quant)
+        from .model import export_model
+
+        return export_model(request, quant)
 
 
 @hookimpl
 def register_exporters(register) -> None:
-    pass
+    register(GgufExporter())
