@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on embedded data: build a tiny base and three adapters, register them,
-# merge them with TIES, and show the catalog and lineage. Safe to run again.
+# merge them with TIES, quantize the merge to NF4, export it as GGUF, and show the catalog
+# and lineage. Safe to run again.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 export ADAPTR_HOME="${ADAPTR_HOME:-$ROOT/.demo/home}"
@@ -8,7 +9,7 @@ FIX="$ROOT/.demo/fixtures"
 
 if [ ! -f "$FIX/base/config.json" ]; then
   echo "==> generating a tiny Llama base and three LoRA adapters in $FIX"
-  python -c "from adaptr.testing import make_demo_set; make_demo_set('$FIX')"
+  python -c "from adaptr.testing import make_demo_set; make_demo_set('$FIX', tokenizer=True)"
 fi
 
 adaptr init
@@ -23,6 +24,15 @@ if adaptr merge --help >/dev/null 2>&1 && ! have demo-ties; then
   adaptr merge --base tiny-llama --adapter chat-r4 --adapter code-r8 --adapter math-r16-rslora \
     --strategy ties --density 0.5 --seed 0 --name demo-ties
 fi
+
+if ! have demo-ties-nf4; then
+  echo "==> NF4 (double quantization) of the TIES merge"
+  adaptr quantize demo-ties --method nf4 --double-quant --name demo-ties-nf4
+fi
+
+echo "==> GGUF (q8_0) of the TIES merge for llama.cpp"
+mkdir -p "$ROOT/.demo/dist"
+adaptr export demo-ties --format gguf --quant q8_0 --out "$ROOT/.demo/dist/demo-ties-q8_0.gguf" --force
 
 echo "==> catalog"
 adaptr ls
