@@ -851,13 +851,15 @@ def _adapter_config(**fields: Any) -> dict[str, Any]:
     return config
 
 
-def make_demo_set(root: str | Path, seed: int = 0) -> dict[str, Any]:
+def make_demo_set(root: str | Path, seed: int = 0, *, tokenizer: bool = False) -> dict[str, Any]:
     """Write one base and three dissimilar adapters, enough to exercise listing, diffing and merging.
 
-    Returns ``{"base": Path, "adapters": {name: Path}}``.
+    ``tokenizer=True`` gives the base a tokenizer (and the vocabulary it needs), so exports such
+    as GGUF run in llama.cpp. Returns ``{"base": Path, "adapters": {name: Path}}``.
     """
     root = Path(root)
-    base = make_llama_base(root / "base", seed=seed)
+    extra = {"tokenizer": True, "vocab_size": 512} if tokenizer else {}
+    base = make_llama_base(root / "base", seed=seed, **extra)
     base_name = str(base.resolve())
     specs: dict[str, dict[str, Any]] = {
         "chat-r4": {"r": 4, "lora_alpha": 8, "target_modules": ("q_proj", "v_proj")},
