@@ -489,3 +489,56 @@ def test_adapter_without_a_base_is_refused(bases, tmp_path):
     )
     with pytest.raises(InvalidInputError, match="no base model"):
         GgufExporter().export(request)
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+
+def test_row_index_is_llama_cpps_permute():
+    from adaptr_gguf.tensors import qk_permutation
+
+    w = torch.randn(48, 8)
+    n_head = 6  # LlamaModel.permute, as in convert_hf_to_gguf.py
+    permuted = w.reshape(n_head, 2, 48 // n_head // 2, 8).swapaxes(1, 2).reshape(w.shape)
+    assert torch.equal(w[qk_permutation(48, n_head)], permuted)
+    with pytest.raises(InvalidInputError, match="rotary heads"):
+        qk_permutation(50, 4)
+
+
+@pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0])
+def test_chunked_encoding_is_bit_exact_with_gguf_quants(monkeypatch, qtype):
+    """Row chunks (with the permutation and a folded scale) give the reference's bytes exactly."""
+    import adaptr_gguf.tensors as tensors
+
+    monkeypatch.setattr(tensors, "_CHUNK_ELEMENTS", 3 * 64)  # 3 rows per chunk: 40 rows end mid-chunk
+    x = (torch.randn(40, 64, generator=torch.Generator().manual_seed(1)) * 0.02).to(torch.bfloat16)
+    x[3, :32] = 0  # an all-zero block (scale 0)
+    rows = tensors.qk_permutation(40, 4)
+    planned = tensors.Planned("blk.0.attn_q.weight", (40, 64), qtype, lambda: x, rows=rows, scale=0.75)
+    got = planned.encode()
+    want = gguf.quants.quantize(x.float()[rows].numpy() * np.float32(0.75), qtype)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert got.tobytes() == want.tobytes()
+    assert got.nbytes == planned.nbytes
+
+
+def test_export_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """numpy's working set (output buffers, quantizer temporaries) stays near one tensor, not the model."""
+    import tracemalloc
+
+    import adaptr_gguf.tensors as tensors
+
+    monkeypatch.setattr(tensors, "_CHUNK_ELEMENTS", 1 << 16)
+    src = make_llama_base(
+        tmp_path / "m", hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=4096, seed=2
+    )
+    largest = 4096 * 256 * 2  # the f16 embedding / head
+    total = sum(math.prod(t.shape) * 2 for t in HFModelReader().read(src).tensors.values())
+    assert total > 6 * largest
+    tracemalloc.start()
+    try:
+        export(src, tmp_path / "out", "f16")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * largest, (peak, largest, total)
