@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from adaptr.errors import InvalidInputError
 from adaptr.interfaces import ExportRequest
 
 from .arch import (
@@ -23,6 +24,7 @@ from .tensors import Planned, choose_type, qk_permutation, quant_types, write_gg
 from .vocab import read_vocab
 
 _SKIP = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+_FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -68,6 +70,11 @@ def plan_model(request: ExportRequest, quant: str) -> tuple[str, Any, list[Plann
         if hf_name.endswith(_SKIP) or (tied and hf_name == "lm_head.weight"):
             continue
         new = tensor_name(tmap, hf_name, where)
+        if info.dtype not in _FLOAT_CODES:
+            raise InvalidInputError(
+                f"{where}: tensor {hf_name} is {info.dtype}; GGUF export reads float weights (a quantized "
+                "checkpoint? export the float model it came from)"
+            )
         shape = tuple(info.shape)
         rows = None
         if family.permute_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):

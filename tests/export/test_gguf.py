@@ -542,3 +542,14 @@ def test_export_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 2 * largest, (peak, largest, total)
+
+
+def test_a_bias_is_permuted_element_wise():
+    """Llama checkpoints with attention_bias permute q/k biases like the weights' rows."""
+    import adaptr_gguf.tensors as tensors
+
+    b = torch.randn(32)
+    rows = tensors.qk_permutation(32, 4)
+    got = tensors.Planned("blk.0.attn_q.bias", (32,), T.F32, lambda: b, rows=rows).encode()
+    assert np.array_equal(got, b[rows].numpy())
+    assert np.array_equal(got, b.reshape(4, 2, 4).swapaxes(1, 2).reshape(32).numpy())
