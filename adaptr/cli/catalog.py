@@ -64,9 +64,13 @@ def _tree(graph: dict[str, Any]) -> None:
     def grow(tree: Tree, ref: str, seen: set[str]) -> None:
         for e in children.get(ref, []):
             how = e["operation"]
-            strategy = (e["params"] or {}).get("strategy")
-            if strategy:
-                how += f" {strategy}"
+            params = e["params"] or {}
+            for key in ("strategy", "method"):  # merges name their strategy, quantizations their method
+                if params.get(key):
+                    how += f" {params[key]}"
+            for key in ("qlora", "requantize"):
+                if isinstance(params.get(key), dict):
+                    how += f" --{key} {params[key]['method']}"
             if e["others"]:
                 how += " with " + ", ".join(e["others"])
             extra = [f"{e['plugin']} {e['plugin_version'] or ''}".strip()] if e["plugin"] else []
