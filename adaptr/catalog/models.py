@@ -33,6 +33,9 @@ class Artifact(SQLModel, table=True):
     storage: str = Field(max_length=16)  # "link": files stay where they are; "store": content-addressed copy
     base_id: int | None = Field(default=None, foreign_key="artifact.id", index=True)
     rank: int | None = Field(default=None, index=True)
+    # What produced it (inputs' hashes, operation, resolved parameters, plugins, seed): an equal
+    # recipe is reused before any tensor is read. None for imported artifacts.
+    recipe_hash: str | None = Field(default=None, index=True, max_length=64)
     meta: dict[str, Any] = Field(default_factory=dict, sa_column=Column("metadata", JSON, nullable=False))
     manifest: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     flags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
