@@ -76,7 +76,7 @@ def plan_adapter(request: ExportRequest, quant: str) -> tuple[str, Any, list[Pla
         base_shapes = {k: tuple(v.shape) for k, v in request.base_manifest.tensors.items()}
     else:
         base_shapes = {k: tuple(v.shape) for k, v in open_weights(request.base_source).tensors.items()}
-    tied = "lm_head.weight" not in base_shapes
+    tied = bool(config.get("tie_word_embeddings", "lm_head.weight" not in base_shapes))  # as the model export
     tmap = gguf.get_tensor_name_map(family.arch, int(config["num_hidden_layers"]))
     alpha = float(man.lora_alpha)
     reader = open_weights(Path(request.source) / man.weights_file).reader()
