@@ -50,7 +50,7 @@ def quantize_fp8(weight: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     inv_all = torch.empty(scale_shape((rows, cols), block), dtype=torch.float32)
     for bi, r in enumerate(range(0, rows, block)):
-        band = w[r : r + block].float()
+        band = w[r : r + block].to(torch.float32, copy=True)  # scaled in place below
         amax, full = _tiles(band, block)
         if not bool(torch.isfinite(amax).all()):
             raise InvalidInputError("cannot quantize a tensor with NaN or infinite values")
@@ -80,7 +80,7 @@ def dequantize_fp8(
     full = cols // block * block
     s = scale_inv.float()
     for bi, r in enumerate(range(0, rows, block)):
-        band = weight[r : r + block].float()
+        band = weight[r : r + block].to(torch.float32, copy=True)
         n = band.shape[0]
         if full:
             band[:, :full].view(n, full // block, block).mul_(s[bi, : full // block, None])
