@@ -553,3 +553,55 @@ def test_a_bias_is_permuted_element_wise():
     got = tensors.Planned("blk.0.attn_q.bias", (32,), T.F32, lambda: b, rows=rows).encode()
     assert np.array_equal(got, b[rows].numpy())
     assert np.array_equal(got, b.reshape(4, 2, 4).swapaxes(1, 2).reshape(32).numpy())
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,  # short, so the tiny model's frequencies straddle both bands
+}
+
+
+def with_rope(folder: Path, rope: dict) -> Path:
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = rope
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_llama3_rope_scaling_becomes_rope_freqs(tmp_path):
+    """llama.cpp divides each rotary frequency by ``rope_freqs``; that must give transformers' llama3 frequencies."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    src = with_rope(make_llama_base(tmp_path / "m", vocab_size=VOCAB, tokenizer=True), LLAMA3_ROPE)
+    reader = gguf.GGUFReader(export(src, tmp_path / "out", "f16"))
+    t = {t.name: t for t in reader.tensors}["rope_freqs.weight"]
+    assert t.tensor_type == T.F32
+    config = AutoConfig.from_pretrained(src)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = config.head_dim
+    plain = 1.0 / (10000.0 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    np.testing.assert_allclose(np.asarray(t.data), (plain / scaled).numpy(), rtol=1e-5)
+    assert len(set(np.asarray(t.data).round(4).tolist())) > 2  # both bands and the smooth middle
+
+
+def test_unknown_rope_scaling_is_refused(tmp_path):
+    src = with_rope(
+        make_llama_base(tmp_path / "m"), {"rope_type": "longrope", "rope_theta": 1e4, "factor": 2.0}
+    )
+    with pytest.raises(InvalidInputError, match="rope scaling 'longrope' cannot be exported to GGUF"):
+        export(src, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_linear_rope_scaling_keys(tmp_path):
+    src = with_rope(
+        make_llama_base(tmp_path / "m"), {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}
+    )
+    reader = gguf.GGUFReader(export(src, tmp_path / "out"))
+    assert field(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch="llama")) == "linear"
+    assert field(reader, gguf.Keys.Rope.SCALING_FACTOR.format(arch="llama")) == 2.0

@@ -62,3 +62,18 @@ def test_llama_cpp_tokenizes_and_computes_like_transformers(tmp_path, family):
     assert np.abs(want - ref).max() / np.abs(ref).max() > 0.5  # the adapter really moves the logits
     got = _run(str(tmp_path / "f16" / "model.gguf"), ids, lora)
     assert np.abs(got - want).max() / np.abs(want).max() < 3e-2  # measured ≤ 1.5e-2 (f16 LoRA path)
+
+
+def test_llama_cpp_applies_llama3_rope_scaling_like_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .test_gguf import LLAMA3_ROPE, with_rope
+
+    src = MAKERS["llama"](tmp_path / "src", vocab_size=VOCAB, tokenizer=True)
+    src = with_rope(sharpen_attention(src), LLAMA3_ROPE)
+    ids = AutoTokenizer.from_pretrained(src)(TEXT).input_ids  # longer than original_max_position_embeddings
+    assert len(ids) > LLAMA3_ROPE["original_max_position_embeddings"]
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(src).eval()(torch.tensor([ids])).logits[0].numpy()
+    got = _run(str(export(src, tmp_path / "f16", "f16")), ids)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < LOGIT_TOL["f16"]
