@@ -605,3 +605,70 @@ def test_linear_rope_scaling_keys(tmp_path):
     reader = gguf.GGUFReader(export(src, tmp_path / "out"))
     assert field(reader, gguf.Keys.Rope.SCALING_TYPE.format(arch="llama")) == "linear"
     assert field(reader, gguf.Keys.Rope.SCALING_FACTOR.format(arch="llama")) == 2.0
+
+
+# --- tokenizer edge cases ------------------------------------------------------------------
+
+
+def _copy_model(bases, tmp_path: Path, **config_changes) -> Path:
+    import shutil
+
+    src = tmp_path / "copy"
+    shutil.copytree(bases["llama"], src)
+    if config_changes:
+        config = json.loads((src / "config.json").read_text())
+        config.update(config_changes)
+        (src / "config.json").write_text(json.dumps(config))
+    return src
+
+
+def test_plain_byte_level_pre_tokenizer_is_gpt2(bases, tmp_path):
+    from transformers import AutoTokenizer
+
+    src = _copy_model(bases, tmp_path)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    reader = gguf.GGUFReader(export(src, tmp_path / "out"))
+    assert field(reader, gguf.Keys.Tokenizer.PRE) == "gpt-2"
+    want = AutoTokenizer.from_pretrained(src)(SENTENCE, add_special_tokens=False).input_ids
+    got = AutoTokenizer.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+    assert got(SENTENCE, add_special_tokens=False).input_ids == want
+
+
+def test_ids_the_tokenizer_lacks_are_padded_as_unused(bases, tmp_path):
+    """A model whose embedding has more rows than the tokenizer has tokens (as Qwen2's does)."""
+    from safetensors.torch import load_file, save_file
+
+    src = _copy_model(bases, tmp_path, vocab_size=VOCAB + 32)
+    state = load_file(str(src / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        state[name] = torch.cat([state[name], torch.zeros(32, state[name].shape[1])])
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    reader = gguf.GGUFReader(export(src, tmp_path / "out"))
+    tokens, types = field(reader, gguf.Keys.Tokenizer.LIST), field(reader, gguf.Keys.Tokenizer.TOKEN_TYPE)
+    assert len(tokens) == VOCAB + 32 and tokens[VOCAB] == f"[PAD{VOCAB}]"
+    assert types[VOCAB] == gguf.TokenType.UNUSED
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pre_tokenizer": {"type": "Whitespace"}}, "pre-tokenizer"),
+        ({"model": {"type": "WordPiece", "vocab": {}}}, "byte-level BPE"),
+        ({"added_tokens": [{"id": VOCAB + 5, "content": "<|x|>", "special": True}]}, "does not fit"),
+    ],
+)
+def test_tokenizers_llama_cpp_could_not_run_are_refused(bases, tmp_path, change, message):
+    src = _copy_model(bases, tmp_path)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok.update(change)
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(InvalidInputError, match=message):
+        export(src, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
