@@ -672,3 +672,17 @@ def test_tokenizers_llama_cpp_could_not_run_are_refused(bases, tmp_path, change,
     with pytest.raises(InvalidInputError, match=message):
         export(src, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("family", sorted(MAKERS))
+def test_fixture_tokenizers_are_deterministic_and_sized_to_the_model(tmp_path, family):
+    from transformers import AutoTokenizer
+
+    a = MAKERS[family](tmp_path / "a", vocab_size=VOCAB, tokenizer=True, seed=1)
+    b = MAKERS[family](tmp_path / "b", vocab_size=VOCAB, tokenizer=True, seed=1)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "model.safetensors"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    tok = AutoTokenizer.from_pretrained(a)
+    assert len(tok) == VOCAB and tok.bos_token_id == 1 and tok.eos_token_id == 2
+    with pytest.raises(ValueError, match="vocab_size >= 288"):
+        MAKERS[family](tmp_path / "c", tokenizer=True)  # the default 256 leaves no room for merges
