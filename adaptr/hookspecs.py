@@ -62,6 +62,15 @@ def register_exporters(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_pipeline_steps(register: Callable[[Any], None]) -> None:
+    """Register pipeline step types (``adaptr.interfaces.StepType``) for ``adaptr run``.
+
+    :param register: call ``register(step_type)`` once per type; its ``name`` is the key a
+        step uses in the pipeline file (``merge:``, ``quantize:``, ``export:``).
+    """
+
+
+@hookspec
 def register_commands(app: typer.Typer) -> None:
     """Add commands or sub-command groups to the ``adaptr`` CLI.
 

@@ -249,3 +249,27 @@ class Exporter(Protocol):
 
     def export(self, request: ExportRequest) -> list[str]:
         """Write the exported files under ``request.dest``; return their relpaths."""
+
+
+@runtime_checkable
+class StepType(Protocol):
+    """A pipeline step type (``register_pipeline_steps``): one key of a step in ``adaptr run``'s YAML.
+
+    ``spec`` is the pydantic model the step's body validates against (the CLI's own, so a
+    body uses the same keys as the command's flags). ``refs`` names the body fields that hold
+    artifact references, which may also be an earlier step's id or, with
+    ``--register-missing``, a folder to register: ``"base"``, ``"adapter"`` or ``"artifact"``
+    (anything in the catalog). ``produces`` says whether later steps may name this one.
+    """
+
+    name: str
+    description: str
+    spec: type
+    refs: dict[str, str]
+    produces: bool
+
+    def run(self, spec: Any, *, catalog: Any, force: bool, dry_run: bool) -> dict[str, Any]:
+        """Run the step (or, with ``dry_run``, say what running would do) through the services.
+
+        Returns a dict with ``reused`` (bool) and, when ``produces``, ``ref`` (``NAME@N``).
+        """

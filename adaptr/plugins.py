@@ -32,6 +32,7 @@ REGISTRY_HOOKS = {
     "strategy": "register_merge_strategies",
     "quantizer": "register_quantizers",
     "exporter": "register_exporters",
+    "step": "register_pipeline_steps",
 }
 
 

@@ -41,7 +41,7 @@ class AdaptrGroup(TyperGroup):
 
 
 def build_app() -> typer.Typer:
-    from adaptr.cli import adapter, base, catalog, db, export, merge, plugins, quantize
+    from adaptr.cli import adapter, base, catalog, db, export, merge, pipeline, plugins, quantize
 
     app = typer.Typer(
         cls=AdaptrGroup,
@@ -56,6 +56,10 @@ def build_app() -> typer.Typer:
     merge.register(app)
     quantize.register(app)
     export.register(app)
+    from adaptr.cli import verify_export
+
+    verify_export.register(app)
+    pipeline.register(app)
     app.add_typer(base.app, name="base")
     app.add_typer(adapter.app, name="adapter")
     app.add_typer(db.app, name="db")

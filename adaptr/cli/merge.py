@@ -76,6 +76,9 @@ def merge(
         None, "--skip", help="Module left unquantized (repeatable; default: lm_head and the embeddings)."
     ),
     config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
+    force: bool = typer.Option(
+        False, "--force", help="Recompute (as a new version) even when the same recipe exists."
+    ),
     json: bool = JSON_OPTION,
 ) -> None:
     """Merge adapters into their base and record the result with its lineage."""
@@ -116,15 +119,16 @@ def merge(
             given = data.get(key) if isinstance(data.get(key), dict) else {}
             data[key] = {**given, **parse_pairs(items, flag)}
     spec = validate_spec(MergeSpec, data, source=str(config) if config else "merge options")
-    art = run_merge(spec, catalog=catalog())
+    art = run_merge(spec, catalog=catalog(), force=force)
     if json:
         emit_json(art)
     else:
         meta = art["metadata"]
         extra = f", max |Δlogit| {meta['verify']['max_abs_logit_diff']:.3g}" if "verify" in meta else ""
         into = f"the dequantized {meta['qlora']['method']} base of " if meta.get("qlora") else ""
+        how = "reused the merge of" if art["reused"] else "merged"
         typer.echo(
-            f"merged {', '.join(meta['adapters'])} into {into}{art['base']} with {meta['strategy']} → "
+            f"{how} {', '.join(meta['adapters'])} into {into}{art['base']} with {meta['strategy']} → "
             f"{art['ref']} ({art['content_hash'][:12]}){extra}"
         )
         for line in report_lines(meta):

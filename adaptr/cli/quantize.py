@@ -26,6 +26,9 @@ def quantize(
     new_version: bool = typer.Option(None, "--new-version", help="Add a new version when NAME exists."),
     max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest output shard (default 5GB)."),
     config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
+    force: bool = typer.Option(
+        False, "--force", help="Recompute (as a new version) even when the same recipe exists."
+    ),
     json: bool = JSON_OPTION,
 ) -> None:
     """Quantize a model for serving and record it with its per-tensor error report."""
@@ -48,13 +51,14 @@ def quantize(
         given = data.get("params") if isinstance(data.get("params"), dict) else {}
         data["params"] = {**given, **parse_pairs(param)}
     spec = validate_spec(QuantizeSpec, data, source=str(config) if config else "quantize options")
-    art = run_quantize(spec, catalog=catalog())
+    art = run_quantize(spec, catalog=catalog(), force=force)
     if json:
         emit_json(art)
         return
     q = art["metadata"]["quantization"]
+    how = "reused" if art["reused"] else "quantized"
     typer.echo(
-        f"quantized {art['parents'][0]['ref']} with {q['method']} → {art['ref']} ({art['content_hash'][:12]})"
+        f"{how} {art['parents'][0]['ref']} with {q['method']} → {art['ref']} ({art['content_hash'][:12]})"
     )
     for line in report_lines(art["metadata"]):
         typer.echo(line)

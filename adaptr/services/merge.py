@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from adaptr.errors import IncompatibleAdapterError, InvalidInputError, VerificationError
 from adaptr.interfaces import AdapterManifest, ModelManifest
 from adaptr.plugins import get_host, get_registry
+from adaptr.recipe import recipe_hash
+from adaptr.refs import check_name
 from adaptr.services.catalog import Catalog, Parent
-from adaptr.services.quantize import quant_step, refuse_quantized
+from adaptr.services.quantize import dry_run_result, quant_step, refuse_quantized
 from adaptr.specs import MergeSpec, validate_spec
 
 log = logging.getLogger("adaptr")
@@ -63,8 +67,20 @@ def default_strategy(n_adapters: int) -> str:
     return os.environ.get("ADAPTR_DEFAULT_MULTI_STRATEGY", "linear")
 
 
-def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -> dict[str, Any]:
-    """Merge ``spec.adapters`` into ``spec.base`` with ``spec.strategy``; return the recorded artifact."""
+def merge(
+    spec: MergeSpec | dict[str, Any],
+    *,
+    catalog: Catalog | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Merge ``spec.adapters`` into ``spec.base`` with ``spec.strategy``; return the recorded artifact.
+
+    An artifact with the same recipe is reused before any tensor is read (``"reused": true``);
+    ``force`` recomputes it as a new version; ``dry_run`` validates everything, looks the recipe
+    up and returns what would happen (``{"dry_run": true, "reused": ..., "recipe_hash": ...}``).
+    """
+    started = time.perf_counter()
     from adaptr import engine
     from adaptr.io.files import ensure_space
     from adaptr.io.safetensors_io import parse_size
@@ -104,11 +120,14 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         )
     if spec.quant_params and not spec.requantize:
         raise InvalidInputError("--quant-param needs --requantize METHOD")
-    requant = quant_step(spec.requantize, spec.quant_params)[0] if spec.requantize else None
+    requant, requant_plugin = (
+        quant_step(spec.requantize, spec.quant_params) if spec.requantize else (None, None)
+    )
     kind = "quantized" if requant else "merged"
+    check_name(spec.name)
+    new_version = spec.new_version or force
 
     with catalog.session() as s:
-        catalog.next_version(s, spec.name, kind, spec.new_version)
         adapter_arts = [catalog.resolve(s, ref) for ref in spec.adapters]
         for ref, a in zip(spec.adapters, adapter_arts):
             if a.kind != "adapter":
@@ -164,14 +183,14 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             "--skip chooses what --qlora or --requantize leave unquantized; give one of them"
         )
     skip = list(engine.DEFAULT_SKIP if spec.skip is None else spec.skip)
-    qlora = None
+    qlora = qlora_plugin = None
     if trained_on:
         if base_dtype not in _QUANTIZABLE_DTYPES:
             raise InvalidInputError(
                 f"--qlora {trained_on[0]} needs a float16, bfloat16 or float32 base; {base_ref} is "
                 f"{base_dtype or 'of unknown dtype'}"
             )
-        qlora = quant_step(*trained_on)[0]
+        qlora, qlora_plugin = quant_step(*trained_on)
         engine.plan_quantization(plan, qlora, skip, parts=False)
         if not any(t.roundtrip for t in plan.tensors):
             raise InvalidInputError(
@@ -185,6 +204,60 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             base_ref,
             plan.untied,
         )
+    version = get_host().plugin_version(plugin)
+    edge_params = {
+        "strategy": strategy_name,
+        "params": params,
+        "weights": weights,
+        "adapters": [i.ref for i in inputs],
+        "dtype": spec.dtype or base_dtype,
+    }
+    if qlora is not None:
+        edge_params["qlora"] = {"method": qlora.quantizer.name, "params": qlora.params, "skip": skip}
+    if requant is not None:
+        edge_params["requantize"] = {"method": requant.quantizer.name, "params": requant.params, "skip": skip}
+    parents = [Parent(base_art, "merge", edge_params, plugin, version, spec.seed)]
+    parents += [
+        Parent(a, "merge", {**edge_params, "weight": w}, plugin, version, spec.seed)
+        for a, w in zip(adapter_arts, weights)
+    ]
+    plugins = [(plugin, version)] + [
+        (p, get_host().plugin_version(p)) for p in (qlora_plugin, requant_plugin) if p is not None
+    ]
+    recipe = recipe_hash(
+        "merge",
+        [{"base": base_art.content_hash}]
+        + [{"adapter": a.content_hash, "weight": w} for a, w in zip(adapter_arts, weights)],
+        {**{k: v for k, v in edge_params.items() if k != "adapters"}, "max_shard_size": max_shard,
+         "modules_to_save_from": mts_from},
+        plugins,
+        spec.seed,
+    )  # fmt: skip
+    existing = None
+    if not force:
+        with catalog.session() as s:
+            existing = catalog.find_recipe(s, recipe, spec.name)
+        checked = (existing.meta or {}).get("verify") if existing is not None else None
+        if existing is not None and (
+            "verify_failed" in existing.flags
+            or (spec.verify and (checked or {}).get("max_abs_logit_diff", math.inf) > spec.verify_tolerance)
+        ):
+            existing = None  # a failed check, or one never made to this tolerance: compute it
+        if existing is not None and not dry_run:
+            if existing.name == spec.name:
+                return {
+                    **catalog.show(f"{existing.name}@{existing.version}"),
+                    "reused": True,
+                    **_took(started),
+                }
+            art = catalog.reuse(
+                existing, name=spec.name, new_version=new_version, parents=parents, operation="merge"
+            )
+            return {**art, "reused": True, **_took(started)}
+    if dry_run:
+        return dry_run_result(catalog, existing, recipe, spec.name, kind, new_version)
+    with catalog.session() as s:  # fail on a taken name before reading a tensor
+        catalog.next_version(s, spec.name, kind, new_version)
     ensure_space(
         catalog.store.root if catalog.store.root.exists() else catalog.store.root.parent,
         int(plan.output_bytes * 1.01) + (1 << 20),
@@ -249,23 +322,6 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
         if tee is not None:
             shutil.rmtree(tee, ignore_errors=True)
 
-    version = get_host().plugin_version(plugin)
-    edge_params = {
-        "strategy": strategy_name,
-        "params": params,
-        "weights": weights,
-        "adapters": [i.ref for i in inputs],
-        "dtype": spec.dtype or base_dtype,
-    }
-    if qlora is not None:
-        edge_params["qlora"] = {"method": qlora.quantizer.name, "params": qlora.params, "skip": skip}
-    if requant is not None:
-        edge_params["requantize"] = {"method": requant.quantizer.name, "params": requant.params, "skip": skip}
-    parents = [Parent(base_art, "merge", edge_params, plugin, version, spec.seed)]
-    parents += [
-        Parent(a, "merge", {**edge_params, "weight": w}, plugin, version, spec.seed)
-        for a, w in zip(adapter_arts, weights)
-    ]
     meta = {
         **{k: v for k, v in manifest.to_dict().items() if k not in ("tensors", "weight_files", "format")},
         "strategy": strategy_name,
@@ -301,7 +357,8 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
     art = catalog.record(
         name=spec.name,
         kind=kind,
-        new_version=spec.new_version,
+        new_version=new_version,
+        recipe_hash=recipe,
         staged=staged,
         manifest=manifest.to_dict(),
         meta=meta,
@@ -317,7 +374,11 @@ def merge(spec: MergeSpec | dict[str, Any], *, catalog: Catalog | None = None) -
             f"{check['max_abs_logit_diff']:.3g} > tolerance {check['tolerance']:.3g}; it is recorded with flag "
             f"verify_failed (remove it with `adaptr rm {art['ref']}`)"
         )
-    return art
+    return {**art, "reused": False, **_took(started)}
+
+
+def _took(started: float) -> dict[str, float]:
+    return {"seconds": round(time.perf_counter() - started, 3)}
 
 
 def _ref_of(session: Any, artifact_id: int | None) -> str:

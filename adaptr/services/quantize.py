@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from adaptr.errors import InvalidInputError
 from adaptr.interfaces import ModelManifest
 from adaptr.plugins import get_host, get_registry
+from adaptr.recipe import recipe_hash
+from adaptr.refs import check_name
 from adaptr.services.catalog import Catalog, Parent
 from adaptr.specs import QuantizeSpec, validate_spec
 
@@ -50,6 +53,19 @@ def refuse_quantized(ref: str, kind: str, path: str | Path) -> None:
         )
 
 
+def dry_run_result(
+    catalog: Catalog, existing: Any, recipe: str, name: str, kind: str, new_version: bool
+) -> dict[str, Any]:
+    """What a run would do, without doing it: reuse ``existing``, or compute NAME@next."""
+    if existing is not None:
+        ref = f"{existing.name}@{existing.version}"
+        return {"dry_run": True, "reused": True, "ref": ref, "recipe_hash": recipe,
+                "content_hash": existing.content_hash}  # fmt: skip
+    with catalog.session() as s:
+        version = catalog.next_version(s, name, kind, new_version)
+    return {"dry_run": True, "reused": False, "ref": f"{name}@{version}", "recipe_hash": recipe}
+
+
 def summarize(report: dict[str, dict[str, float]], source_bytes: int, stored_bytes: int) -> dict[str, Any]:
     """Whole-model figures for ``adaptr show``; the per-tensor rows stay beside them."""
     if not report:
@@ -66,8 +82,20 @@ def summarize(report: dict[str, dict[str, float]], source_bytes: int, stored_byt
     }
 
 
-def quantize(spec: QuantizeSpec | dict[str, Any], *, catalog: Catalog | None = None) -> dict[str, Any]:
-    """Quantize ``spec.input`` with ``spec.method``; return the recorded ``quantized`` artifact."""
+def quantize(
+    spec: QuantizeSpec | dict[str, Any],
+    *,
+    catalog: Catalog | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Quantize ``spec.input`` with ``spec.method``; return the recorded ``quantized`` artifact.
+
+    An artifact with the same recipe is reused before any tensor is read (``"reused": true``);
+    ``force`` recomputes it as a new version; ``dry_run`` validates everything, looks the recipe
+    up and returns what would happen (``{"dry_run": true, "reused": ..., "recipe_hash": ...}``).
+    """
+    started = time.perf_counter()
     from adaptr import engine
     from adaptr.io.files import ensure_space
     from adaptr.io.safetensors_io import parse_size
@@ -78,8 +106,9 @@ def quantize(spec: QuantizeSpec | dict[str, Any], *, catalog: Catalog | None = N
     step, plugin = quant_step(spec.method, spec.quantizer_args())
     max_shard = parse_size(spec.max_shard_size)
 
+    check_name(spec.name)
+    new_version = spec.new_version or force
     with catalog.session() as s:
-        catalog.next_version(s, spec.name, "quantized", spec.new_version)
         src = catalog.resolve(s, spec.input)
         ref = f"{src.name}@{src.version}"
         refuse_quantized(ref, src.kind, src.path)
@@ -101,6 +130,28 @@ def quantize(spec: QuantizeSpec | dict[str, Any], *, catalog: Catalog | None = N
             f"{ref} has no weight that {spec.method} can quantize with --skip {','.join(skip) or '(none)'}; "
             "check the skip list"
         )
+    edge = {"method": spec.method, "params": step.params, "skip": skip}
+    version = get_host().plugin_version(plugin)
+    parent = Parent(src, "quantize", edge, plugin, version)
+    recipe = recipe_hash(
+        "quantize", [{"input": src.content_hash}], {**edge, "max_shard_size": max_shard}, [(plugin, version)]
+    )
+    existing = None
+    if not force:
+        with catalog.session() as s:
+            existing = catalog.find_recipe(s, recipe, spec.name)
+        if existing is not None and not dry_run:
+            took = {"seconds": round(time.perf_counter() - started, 3)}
+            if existing.name == spec.name:
+                return {**catalog.show(f"{existing.name}@{existing.version}"), "reused": True, **took}
+            art = catalog.reuse(
+                existing, name=spec.name, new_version=new_version, parents=[parent], operation="quantize"
+            )
+            return {**art, "reused": True, **took}
+    if dry_run:
+        return dry_run_result(catalog, existing, recipe, spec.name, "quantized", new_version)
+    with catalog.session() as s:  # fail on a taken name before reading a tensor
+        catalog.next_version(s, spec.name, "quantized", new_version)
     ensure_space(
         catalog.store.root if catalog.store.root.exists() else catalog.store.root.parent,
         int(plan.output_bytes * 1.01) + (1 << 20),
@@ -136,8 +187,6 @@ def quantize(spec: QuantizeSpec | dict[str, Any], *, catalog: Catalog | None = N
         shutil.rmtree(staged, ignore_errors=True)
         raise
 
-    edge = {"method": spec.method, "params": step.params, "skip": skip}
-    version = get_host().plugin_version(plugin)
     meta = {
         **{
             k: v
@@ -154,15 +203,17 @@ def quantize(spec: QuantizeSpec | dict[str, Any], *, catalog: Catalog | None = N
         "quant_report": summarize(report, plan.source_bytes, plan.output_bytes),
         "quant_errors": report,
     }
-    return catalog.record(
+    art = catalog.record(
         name=spec.name,
         kind="quantized",
-        new_version=spec.new_version,
+        new_version=new_version,
+        recipe_hash=recipe,
         staged=staged,
         manifest=out_manifest.to_dict(),
         meta=meta,
-        parents=[Parent(src, "quantize", edge, plugin, version)],
+        parents=[parent],
         base_id=root_base,
         operation="quantize",
         known_hashes=hashes,
     )
+    return {**art, "reused": False, "seconds": round(time.perf_counter() - started, 3)}

@@ -59,7 +59,9 @@ def test_same_seed_same_bytes_other_seed_other_bytes(cli, models):
     adapters = register(cli, models)
     common = ("--strategy", "dare_ties", "--density", "0.3", "--weights", "0.5,1,0.8")
     a = ok_json(cli, "merge", *adapters, *common, "--seed", "5", "--name", "a")
-    b = ok_json(cli, "merge", *adapters, *common, "--seed", "5", "--name", "b")
+    # --force: an identical recipe would otherwise be reused, not computed again
+    b = ok_json(cli, "merge", *adapters, *common, "--seed", "5", "--name", "b", "--force")
+    assert a["reused"] is False and b["reused"] is False
     c = ok_json(cli, "merge", *adapters, *common, "--seed", "6", "--name", "c")
     assert weights_sha(a) == weights_sha(b)
     assert sha(Path(a["path"]) / "model.safetensors") == sha(Path(b["path"]) / "model.safetensors")
@@ -73,7 +75,18 @@ def test_same_seed_same_bytes_other_seed_other_bytes(cli, models):
         cli, "merge", *adapters, "--strategy", "dare_linear", "--rescale", "l1", "--seed", "1", "--name", "d1"
     )
     d2 = ok_json(
-        cli, "merge", *adapters, "--strategy", "dare_linear", "--rescale", "l1", "--seed", "1", "--name", "d2"
+        cli,
+        "merge",
+        *adapters,
+        "--strategy",
+        "dare_linear",
+        "--rescale",
+        "l1",
+        "--seed",
+        "1",
+        "--name",
+        "d2",
+        "--force",
     )
     assert d1["content_hash"] == d2["content_hash"]
 
@@ -92,7 +105,9 @@ def test_thread_count_does_not_change_the_bytes(cli, models, restore_threads, st
     hashes = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        art = ok_json(cli, "merge", *args, "--strategy", strategy, "--seed", "3", "--name", f"t{threads}")
+        art = ok_json(
+            cli, "merge", *args, "--strategy", strategy, "--seed", "3", "--name", f"t{threads}", "--force"
+        )
         hashes.append((weights_sha(art), art["content_hash"]))
     assert hashes[0] == hashes[1]
 
@@ -105,7 +120,7 @@ def test_subprocess_single_thread_matches_and_is_quiet_on_a_pipe(cli, models, re
     here = ok_json(cli, "merge", *args, "--name", "here")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ADAPTR_HOME": str(adaptr_home)}
     proc = subprocess.run(
-        [sys.executable, "-m", "adaptr", "merge", *args, "--name", "there", "--json"],
+        [sys.executable, "-m", "adaptr", "merge", *args, "--name", "there", "--json", "--force"],
         capture_output=True,
         text=True,
         env=env,
