@@ -7,6 +7,7 @@ place, then one transaction for the row, its files, tags and lineage edges.
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -111,6 +112,54 @@ class Catalog:
             )
         return latest.version + 1
 
+    def find_recipe(self, session: Session, recipe: str, name: str) -> Artifact | None:
+        """The artifact already computed from ``recipe``: one named ``name`` first, else any."""
+        rows = session.exec(
+            select(Artifact).where(Artifact.recipe_hash == recipe).order_by(col(Artifact.id).desc())
+        ).all()
+        return next((a for a in rows if a.name == name), rows[0] if rows else None)
+
+    def reuse(
+        self,
+        existing: Artifact,
+        *,
+        name: str,
+        new_version: bool,
+        parents: Sequence[Parent],
+        operation: str,
+    ) -> dict[str, Any]:
+        """``existing`` under another name: its stored files are linked, nothing is recomputed."""
+        with self.session() as s:
+            files = s.exec(select(ArtifactFile).where(ArtifactFile.artifact_id == existing.id)).all()
+        staged = self.store.staging()
+        try:
+            for f in files:
+                dest = staged / f.relpath
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                src = Path(existing.path) / f.relpath
+                try:
+                    os.link(src, dest)
+                except OSError:
+                    shutil.copyfile(src, dest)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
+        return self.record(
+            name=name,
+            kind=existing.kind,
+            new_version=new_version,
+            staged=staged,
+            manifest=dict(existing.manifest),
+            meta={**existing.meta, "reused_from": _ref(existing)},
+            parents=parents,
+            base_id=existing.base_id,
+            rank=existing.rank,
+            flags=existing.flags,
+            operation=operation,
+            known_hashes={f.relpath: f.sha256 for f in files},
+            recipe_hash=existing.recipe_hash,
+        )
+
     # --- JSON views ----------------------------------------------------------------------
 
     def to_json(self, session: Session, art: Artifact, *, files: bool = True) -> dict[str, Any]:
@@ -127,6 +176,7 @@ class Catalog:
             "ref": _ref(art),
             "kind": art.kind,
             "content_hash": art.content_hash,
+            "recipe_hash": art.recipe_hash,
             "size_bytes": art.size_bytes,
             "path": art.path,
             "storage": art.storage,
@@ -242,6 +292,7 @@ class Catalog:
         tags: Sequence[str] = (),
         operation: str = "add",
         known_hashes: dict[str, str] | None = None,
+        recipe_hash: str | None = None,
     ) -> dict[str, Any]:
         """Put the files in place, then commit the row; nothing is registered half-written."""
         with self.session() as s:
@@ -269,6 +320,7 @@ class Catalog:
                     meta=meta or {},
                     manifest=manifest or {},
                     flags=sorted(set(flags)),
+                    recipe_hash=recipe_hash,
                 )
                 s.add(art)
                 s.flush()
