@@ -235,7 +235,7 @@ class Int8:
 
 NF4 = Bnb4bit(
     "nf4",
-    "bitsandbytes NF4 (QLoRA's 4-bit NormalFloat): blockwise absmax, 16 normal quantiles; ~3.6x smaller.",
+    "bitsandbytes NF4 (QLoRA's 4-bit NormalFloat): blockwise absmax, 16 normal quantiles; 4.5 bits/weight.",
 )
 FP4 = Bnb4bit(
     "fp4", "bitsandbytes FP4 (e2m1): blockwise absmax, 4-bit floats; NF4 is more accurate on weights."

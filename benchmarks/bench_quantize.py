@@ -1,0 +1,290 @@
+"""Quantizer benchmark: adaptr's NF4 / int8 / FP8 functions against bitsandbytes' (and transformers') on CPU.
+
+Over every 2-D projection weight of a ~1.1B bf16 Llama (TinyLlama shape; the embeddings and the head,
+which ``adaptr quantize`` skips by default, are left out), one subprocess per contender, in one run:
+throughput in GB/s of bf16 input, peak anonymous memory (``RssAnon``, sampled every 20 ms), the
+quantization error of the result (relative error, max abs error, SNR) and a per-tensor sha256 of the
+output bytes, which must be equal between adaptr and the reference implementation.
+
+Writes its table into docs/benchmarks.md between ``<!-- quantize:start -->`` and ``<!-- quantize:end -->``
+(appended if absent). Not a test: run it on an idle machine.
+
+Usage: python benchmarks/bench_quantize.py [--workdir .bench] [--small]   (--small: a 0.1B model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_merge import SHAPES, machine  # noqa: E402
+
+START, END = "<!-- quantize:start -->", "<!-- quantize:end -->"
+SKIP = ("embed_tokens", "lm_head")
+
+# (key, method, implementation, torch threads, label)
+CONTENDERS = [
+    ("nf4_adaptr", "nf4", "adaptr", None, "adaptr `quantize_4bit` nf4"),
+    ("nf4_adaptr_1t", "nf4", "adaptr", 1, "adaptr `quantize_4bit` nf4, 1 thread"),
+    ("nf4_bnb", "nf4", "bnb", None, "bitsandbytes `quantize_4bit` nf4"),
+    ("nf4dq_adaptr", "nf4-dq", "adaptr", None, "adaptr nf4 + double quant"),
+    ("nf4dq_bnb", "nf4-dq", "bnb", None, "bitsandbytes nf4 + double quant"),
+    ("int8_adaptr", "int8", "adaptr", None, "adaptr `quantize_int8`"),
+    ("int8_bnb", "int8", "bnb", None, "bitsandbytes `int8_vectorwise_quant` (fp16 cast included)"),
+    ("fp8_adaptr", "fp8", "adaptr", None, "adaptr `quantize_fp8`"),
+    ("fp8_hf", "fp8", "transformers", None, "transformers `Fp8Quantize`"),
+]
+REFERENCE = {"nf4": "nf4_bnb", "nf4-dq": "nf4dq_bnb", "int8": "int8_bnb", "fp8": "fp8_hf"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# worker (one contender per process, so peak memory is its own)
+
+
+def _quantizer(method: str, impl: str):
+    """A function weight -> (tuple of output tensors, dequantized float32 or None)."""
+    import torch
+
+    if impl == "adaptr":
+        from adaptr.ops.fp8 import dequantize_fp8, quantize_fp8
+        from adaptr.ops.int8 import dequantize_int8, quantize_int8
+        from adaptr.ops.quant4 import dequantize_4bit, quantize_4bit
+
+        if method in ("nf4", "nf4-dq"):
+
+            def run(w):
+                q = quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=method == "nf4-dq")
+                return (q.packed, q.absmax, *([q.nested_absmax] if q.nested else [])), q
+
+            return run, lambda q: dequantize_4bit(q, torch.float32)
+        if method == "int8":
+            return (lambda w: (quantize_int8(w),) * 2), lambda q: dequantize_int8(*q, torch.float32)
+        return (lambda w: (quantize_fp8(w),) * 2), lambda q: dequantize_fp8(*q, torch.float32)
+    if impl == "bnb":
+        import bitsandbytes.functional as F
+
+        if method in ("nf4", "nf4-dq"):
+
+            def run(w):
+                packed, st = F.quantize_4bit(
+                    w, blocksize=64, quant_type="nf4", compress_statistics=method == "nf4-dq"
+                )
+                return (packed, st.absmax, *([st.state2.absmax] if st.nested else [])), None
+
+            return run, None
+
+        def run8(w):
+            cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16))
+            return (cb, scb), None
+
+        return run8, None
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    class Hf:
+        class quantization_config:  # stands in for FineGrainedFP8Config
+            weight_block_size = [128, 128]
+            scale_fmt = "float"
+
+    op = Fp8Quantize(Hf())
+
+    def run_hf(w):
+        out = op._quantize_one("x.weight", w)
+        return (out["x.weight"], out["x.weight_scale_inv"]), None
+
+    return run_hf, None
+
+
+def worker(base: str, key: str, out: str) -> None:
+    import torch
+
+    from adaptr.io.safetensors_io import open_weights
+    from adaptr.ops.quant_error import error_stats
+
+    _, method, impl, threads, _ = next(c for c in CONTENDERS if c[0] == key)
+    if threads:
+        torch.set_num_threads(threads)
+    quantize, dequantize = _quantizer(method, impl)
+    ws = open_weights(base)
+    names = [n for n, t in ws.tensors.items() if len(t.shape) == 2 and not any(s in n for s in SKIP)]
+    seconds, nbytes, digests = 0.0, 0, {}
+    errors = []
+    with ws.reader() as r:
+        warm = r.get(names[0])
+        quantize(warm)  # first-call costs (tables, imports) are not throughput
+        for name in names:
+            w = r.get(name)
+            t0 = time.perf_counter()
+            outputs, state = quantize(w)
+            seconds += time.perf_counter() - t0
+            nbytes += w.numel() * w.element_size()
+            h = hashlib.sha256()
+            for t in outputs:
+                h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+            digests[name] = h.hexdigest()
+            if dequantize is not None:
+                errors.append(error_stats(w, dequantize(state)))
+    result = {"seconds": seconds, "bytes": nbytes, "tensors": len(names), "digests": digests}
+    if errors:
+        result["rel_error"] = sum(e["rel_error"] for e in errors) / len(errors)
+        result["max_abs_error"] = max(e["max_abs_error"] for e in errors)
+        result["min_snr_db"] = min(e["snr_db"] for e in errors)
+    Path(out).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# driver
+
+
+def _anon(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run(base: Path, key: str, work: Path) -> dict:
+    label = next(c[4] for c in CONTENDERS if c[0] == key)
+    print(f"==> {label}", flush=True)
+    out = work / f"{key}.json"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", key, "--base", str(base), "--result", str(out)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak, stop = [0], threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _anon(proc.pid))
+            stop.wait(0.02)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    _, err = proc.communicate()
+    stop.set()
+    th.join()
+    if proc.returncode:
+        raise SystemExit(f"{label} failed:\n{err[-3000:]}")
+    res = json.loads(out.read_text())
+    res.update(label=label, peak_anon=peak[0], wall_s=time.perf_counter() - t0)
+    print(f"    {res['bytes'] / res['seconds'] / 1e9:.3f} GB/s, peak anon {peak[0] / 1e9:.2f} GB", flush=True)
+    return res
+
+
+def build(work: Path, shape: str) -> Path:
+    from adaptr.testing import make_llama_base
+
+    base = work / "base"
+    if not (base / "config.json").exists():
+        print("==> building the base model", flush=True)
+        make_llama_base(base, dtype="bfloat16", seed=0, max_shard_size=5_000_000_000, **SHAPES[shape])
+    return base
+
+
+def table(results: dict, info: dict, shape: str) -> str:
+    first = next(iter(results.values()))
+    lines = [
+        "## Quantizers",
+        "",
+        "Generated by `python benchmarks/bench_quantize.py`; one run, each contender in its own process, on the",
+        f"machine below. Input: the {first['tensors']} projection weights of a random TinyLlama-shaped bf16 Llama "
+        f"({shape}; {first['bytes'] / 1e9:.2f} GB of bf16, embeddings and head excluded). Throughput counts only "
+        "the quantize calls (the weights come from a warm memory map); peak anon is the process's own memory "
+        "(`RssAnon`, with torch loaded). Errors are over all tensors: mean relative error ‖W−Ŵ‖/‖W‖, max |W−Ŵ|, "
+        "min SNR. *Same bytes*: every tensor's output has the same sha256 as the reference implementation's.",
+        "",
+        "| method | implementation | GB/s (bf16 in) | seconds | peak anon (GB) | rel. error | max abs error "
+        "| min SNR (dB) | same bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for key, method, _impl, _, label in CONTENDERS:
+        if key not in results:
+            continue
+        r = results[key]
+        ref = results.get(REFERENCE[method])
+        same = "reference" if ref is r else ("yes" if ref and ref["digests"] == r["digests"] else "**no**")
+        if ref is None:
+            same = "n/a"
+        err = (
+            f"{r['rel_error']:.4f} | {r['max_abs_error']:.4g} | {r['min_snr_db']:.2f}"
+            if "rel_error" in r
+            else "(same) | | "
+        )
+        lines.append(
+            f"| {method} | {label} | {r['bytes'] / r['seconds'] / 1e9:.3f} | {r['seconds']:.1f} | "
+            f"{r['peak_anon'] / 1e9:.2f} | {err} | {same} |"
+        )
+    lines.append("")
+    for method, ref_key in REFERENCE.items():
+        ours = {"nf4": "nf4_adaptr", "nf4-dq": "nf4dq_adaptr", "int8": "int8_adaptr", "fp8": "fp8_adaptr"}[
+            method
+        ]
+        if ours in results and ref_key in results:
+            speedup = results[ref_key]["seconds"] / results[ours]["seconds"]
+            lines.append(f"- {method}: adaptr is **{speedup:.1f}×** the reference's throughput.")
+    lines += ["", "Machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), ""]
+    return "\n".join(lines)
+
+
+def write_section(path: Path, text: str) -> None:
+    doc = path.read_text() if path.exists() else "# Benchmarks\n"
+    section = f"{START}\n{text}\n{END}"
+    if START in doc and END in doc:
+        head, rest = doc.split(START, 1)
+        doc = head + section + rest.split(END, 1)[1]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default=str(ROOT / ".bench"))
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--only", nargs="*", help="contender keys to run (default: all)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args.base, args.worker, args.result)
+        return
+    shape = "small" if args.small else "1b"
+    work = Path(args.workdir) / shape
+    work.mkdir(parents=True, exist_ok=True)
+    base = build(work, shape)
+    for f in sorted(base.glob("*.safetensors")):  # warm the page cache
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    results = {}
+    for key, *_ in CONTENDERS:
+        if not args.only or key in args.only:
+            results[key] = run(base, key, work)
+    from importlib.metadata import version
+
+    info = {**machine(), "bitsandbytes": version("bitsandbytes")}
+    text = table(results, info, shape)
+    print(text)
+    (work / "quantize-results.json").write_text(
+        json.dumps({k: {x: y for x, y in v.items() if x != "digests"} for k, v in results.items()}, indent=2)
+    )
+    write_section(Path(args.out), text)
+
+
+if __name__ == "__main__":
+    main()
