@@ -1,6 +1,9 @@
 """Every bad input of the import path: exit 2, one line on stderr naming the file and the fix,
 no traceback, and the catalog (rows and store) exactly as it was. Ctrl-C mid-way exits 130
-and leaves nothing behind either."""
+and leaves nothing behind either.
+
+Everything that touches the database runs on SQLite and PostgreSQL (see conftest.py); of the
+file-format cases, which fail before any row is written, only a sample runs on PostgreSQL too."""
 
 from __future__ import annotations
 
@@ -374,9 +377,16 @@ JSON_SAMPLE = {
     "unknown_base",
 }
 CASES = {name[len("case_") :]: fn for name, fn in globals().items() if name.startswith("case_")}
+# the catalog cases (names, refs, bases) and a sample of the file-format ones run on PostgreSQL too
+PG_CASES = {
+    "duplicate_adapter_name", "duplicate_base_name", "adapter_default_name_taken", "unknown_base",
+    "unknown_base_version", "base_is_an_adapter", "bad_ref_in_base", "bad_ref_show", "bad_ref_lineage",
+    "bad_ref_rm", "unknown_show", "bad_name", "different_base", "adapter_truncated", "shape_mismatch", "nan",
+}  # fmt: skip
+CASE_BACKENDS = [(c, "sqlite") for c in sorted(CASES)] + [(c, "postgres") for c in sorted(PG_CASES)]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(("case", "backend"), CASE_BACKENDS, indirect=["backend"])
 def test_bad_input(case: str, cli, populated, demo_set: dict, tmp_path: Path, adaptr_home: Path) -> None:
     args, fragments = CASES[case](demo_set, tmp_path)
     code, out, err = cli(*args)
@@ -397,6 +407,7 @@ def test_every_issue_case_is_covered() -> None:
         "adapter_nonexistent", "unknown_base", "bad_ref_show",
     }  # fmt: skip
     assert must <= set(CASES)
+    assert set(CASES) >= PG_CASES
 
 
 def test_disabled_readers_is_a_clear_error(cli, demo_set: dict, monkeypatch: pytest.MonkeyPatch) -> None:

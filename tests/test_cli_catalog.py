@@ -1,6 +1,7 @@
 """The catalog CLI end to end (in-process): register, list, show, versions, lineage, verify, rm.
 
 Every JSON shape asserted here is the contract later issues (REST API, pipelines) build on.
+The tests run on SQLite and on PostgreSQL (ids ending in [sqlite]/[postgres]; see conftest.py).
 """
 
 from __future__ import annotations
@@ -436,11 +437,18 @@ def test_rm_keeps_shared_objects(cli, demo_set: dict, adaptr_home: Path) -> None
     assert [p for p in objects.rglob("*") if p.is_file()] == []
 
 
-def test_db_current_and_plugins(cli) -> None:
+def test_db_current_and_plugins(cli, backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from adaptr.catalog.db import SCHEMA_REVISION
 
+    if backend.name == "postgres":  # a shared server is upgraded explicitly, never on first use
+        monkeypatch.setenv("ADAPTR_DATABASE_URL", backend.blank_url(tmp_path))
     # `db current` only looks: a blank catalog is reported as such, first real use upgrades it
     assert ok_json(cli, "db", "current") == {"current": None, "head": SCHEMA_REVISION, "up_to_date": False}
+    if backend.name == "postgres":
+        code, out, err = cli("ls")
+        assert code == 1 and out == "" and "adaptr db upgrade" in err
+        code, out, err = cli("db", "upgrade")
+        assert code == 0, err
     ok_json(cli, "ls")
     info = ok_json(cli, "db", "current")
     assert info == {"current": SCHEMA_REVISION, "head": SCHEMA_REVISION, "up_to_date": True}
@@ -453,10 +461,11 @@ def test_db_current_and_plugins(cli) -> None:
     assert code == 0 and "formats" in out and "peft-lora" in out
 
 
-def test_init(cli, adaptr_home: Path) -> None:
+def test_init(cli, adaptr_home: Path, backend) -> None:
     info = ok_json(cli, "init")
     assert Path(info["home"]) == adaptr_home.resolve()
-    assert (adaptr_home / "store").is_dir() and (adaptr_home / "catalog.db").is_file()
+    assert (adaptr_home / "store").is_dir()
+    assert (adaptr_home / "catalog.db").is_file() == (backend.name == "sqlite")
 
 
 # --- flagged adapters ---------------------------------------------------------------------------
@@ -505,6 +514,7 @@ def test_legacy_bin_is_stored_as_safetensors(cli, demo_set: dict, extra: dict) -
     assert a["metadata"]["trainable_parameters"] == sum(v.numel() for v in original.values())
 
 
+@pytest.mark.sqlite_only  # loads transformers and PEFT: about the files, not the database
 def test_peft_loads_the_store_folder(cli, demo_set: dict) -> None:
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
