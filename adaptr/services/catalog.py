@@ -144,6 +144,12 @@ class Catalog:
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
+        try:
+            with self.session() as s:  # refuse a taken name before linking anything
+                self.next_version(s, name, existing.kind, new_version)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
         return self.record(
             name=name,
             kind=existing.kind,

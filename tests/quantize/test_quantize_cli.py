@@ -131,7 +131,7 @@ def test_bad_input_is_one_line_and_leaves_nothing(cli, demo_set, adaptr_home):
         (("chat-r4", "--method", "rowint8", "--name", "x"), 2, "chat-r4@1 is a adapter; quantize a base"),
         (("llama", "--method", "rowint8", "--name", "x", "--param", "bits=3"), 2, "does not take bits"),
         (("llama", "--method", "rowint8", "--name", "x", "--double-quant"), 2, "does not take double_quant"),
-        (("llama", "--method", "rowint8", "--name", "q"), 2, "already exists"),
+        (("llama", "--method", "rowint8", "--name", "q", "--param", "levels=9"), 2, "already exists"),
         (
             ("llama", "--method", "rowint8", "--name", "x", "--skip", "model", "--skip", "lm_head"),
             2,
