@@ -17,10 +17,15 @@ def export(
         None, "--quant", help="Tensor type in the export (gguf: f16, bf16, q8_0, q4_0)."
     ),
     param: list[str] = typer.Option(None, "--param", help="Another exporter parameter, KEY=VALUE."),
-    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace OUT if it exists, even when it already holds this export."
+    ),
     json: bool = JSON_OPTION,
 ) -> None:
-    """Write an artifact in another format; the catalog entry is left unchanged."""
+    """Write an artifact in another format, with a manifest; the catalog entry is left unchanged.
+
+    An OUT that already holds this very export (its manifest matches) is reused: nothing is written.
+    """
     from adaptr.services.export import export as run_export
     from adaptr.specs import ExportSpec, validate_spec
 
@@ -34,6 +39,12 @@ def export(
         emit_json(result)
         return
     opts = ", ".join(f"{k}={v}" for k, v in result["options"].items())
+    if result.get("reused"):
+        typer.echo(
+            f"reused {result['out']}: it already holds {result['artifact']} as {result['format']} ({opts}); "
+            f"its manifest matches ({human_size(result['size_bytes'])}, {result['seconds']:.1f} s)"
+        )
+        return
     typer.echo(
         f"exported {result['artifact']} as {result['format']} ({opts}) → {result['out']} "
         f"({human_size(result['size_bytes'])}, {result['seconds']:.1f} s)"

@@ -4,11 +4,18 @@ Export never changes the catalog. The exporter writes into a staging folder besi
 output (same filesystem), every file is fsynced, and only then is the result renamed into
 place; an existing output is replaced only with ``force``. A failure, a full disk or Ctrl-C
 leaves the output path as it was.
+
+Every export carries a manifest (:mod:`adaptr.manifest`): ``adaptr-manifest.json`` in a folder,
+``<file>.adaptr-manifest.json`` beside a single file. An ``out`` that already holds this very
+export (same artifact content hash, format, options and exporter version, every file unchanged)
+is reused: nothing is written and the result says ``"reused": true``. Anything else at ``out``
+is refused without ``force``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -18,6 +25,11 @@ from typing import Any
 
 from adaptr.errors import AdaptrError, InvalidInputError, OperationError
 from adaptr.interfaces import AdapterManifest, ExportRequest, ModelManifest
+from adaptr.manifest import MANIFEST_NAME, ancestry, describe, manifest_path
+from adaptr.manifest import build as build_manifest
+from adaptr.manifest import compare as compare_export
+from adaptr.manifest import read as read_manifest
+from adaptr.manifest import write as write_manifest
 from adaptr.plugins import get_host, get_registry
 from adaptr.services.catalog import Catalog
 from adaptr.specs import ExportSpec, validate_spec
@@ -58,24 +70,47 @@ def export(spec: ExportSpec | dict[str, Any], *, catalog: Catalog | None = None)
             base_path, base_manifest = Path(base.path), ModelManifest.from_dict(base.manifest)
 
     out = Path(spec.out).expanduser().absolute()
+    mpath = manifest_path(out, exporter.single_file)
+    started = time.perf_counter()
+    plugin_version = get_host().plugin_version(plugin)
+    result = {
+        "artifact": ref,
+        "content_hash": shown["content_hash"],
+        "format": spec.format,
+        "options": options,
+        "plugin": plugin,
+        "plugin_version": plugin_version,
+        "out": str(out),
+        "manifest": str(mpath),
+    }
     if out.exists() or out.is_symlink():
-        if not spec.force:
-            raise InvalidInputError(
-                f"{out} already exists; choose another --out or pass --force to replace it"
-            )
         if exporter.single_file and out.is_dir():
             raise InvalidInputError(f"{out} is a folder; the {spec.format} exporter writes one file there")
+        if not spec.force:
+            held = _held(out, mpath, exporter.single_file, result)
+            if isinstance(held, dict):  # this very export is already there: nothing to write
+                files = held["files"]
+                return {
+                    **result,
+                    "files": files,
+                    "size_bytes": sum(f["size"] for f in files),
+                    "reused": True,
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
+            raise InvalidInputError(
+                f"{out} already exists; choose another --out or pass --force to replace it ({held})"
+            )
     out.parent.mkdir(parents=True, exist_ok=True)
     ensure_space(
         out.parent, int(shown["size_bytes"] * 1.05) + (1 << 20), f"the {spec.format} export of {ref}"
     )
 
-    started = time.perf_counter()
+    chain = ancestry(catalog.lineage(ref), ref)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.adaptr-", dir=out.parent))
     try:
         with catalog.progress.task(f"exporting {ref} as {spec.format}", shown["size_bytes"]) as advance:
             request = ExportRequest(
-                artifact=shown,
+                artifact={**shown, "lineage": chain},
                 manifest=manifest,
                 source=Path(shown["path"]),
                 dest=staging,
@@ -94,33 +129,77 @@ def export(spec: ExportSpec | dict[str, Any], *, catalog: Catalog | None = None)
                     f"exporter {spec.format!r} ({plugin}) failed on {ref}: {e}; nothing was written"
                 ) from e
         files = _sync(staging, written, plugin)
+        if exporter.single_file and written != [out.name]:
+            raise OperationError(
+                f"exporter {spec.format!r} wrote {written} instead of one file {out.name!r}; "
+                "report this to the plugin's authors"
+            )
+        if MANIFEST_NAME in files:
+            raise OperationError(
+                f"exporter {spec.format!r} wrote its own {MANIFEST_NAME}; the export service writes it "
+                "(report this to the plugin's authors)"
+            )
+        results = [_entry(staging / rel, rel, sha256_file) for rel in files]
+        body = build_manifest(
+            artifact=shown,
+            chain=chain,
+            format=spec.format,
+            options=options,
+            plugin=plugin,
+            plugin_version=plugin_version,
+            files=results,
+            single_file=exporter.single_file,
+        )
+        staged_manifest = staging / (mpath.name if exporter.single_file else MANIFEST_NAME)
+        write_manifest(staged_manifest, body)
+        fsync_dir(staging)
         if exporter.single_file:
-            if written != [out.name]:
-                raise OperationError(
-                    f"exporter {spec.format!r} wrote {written} instead of one file {out.name!r}; "
-                    "report this to the plugin's authors"
-                )
             os.replace(staging / out.name, out)  # replaces an old file atomically (--force)
-            results = [_entry(out, out.name, sha256_file)]
+            os.replace(staged_manifest, mpath)  # a crash in between leaves a mismatch: refused, not reused
         else:
             _replace_folder(staging, out)
-            results = [_entry(out / rel, rel, sha256_file) for rel in files]
         fsync_dir(out.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
     return {
-        "artifact": ref,
-        "content_hash": shown["content_hash"],
-        "format": spec.format,
-        "options": options,
-        "plugin": plugin,
-        "plugin_version": get_host().plugin_version(plugin),
-        "out": str(out),
+        **result,
         "files": results,
         "size_bytes": sum(f["size"] for f in results),
+        "reused": False,
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _held(out: Path, mpath: Path, single_file: bool, wanted: dict[str, Any]) -> dict[str, Any] | str:
+    """The manifest when ``out`` holds exactly the export ``wanted`` describes, else why not (one phrase).
+
+    The same artifact (content hash), format, resolved options and exporter plugin version, and
+    every listed file present and unchanged (sizes, then sha256), with nothing extra in a folder.
+    """
+    if not mpath.is_file():
+        return "it has no adaptr manifest"
+    try:
+        held = read_manifest(mpath)
+    except InvalidInputError:
+        return f"its {mpath.name} is not a valid adaptr manifest"
+    if (held["layout"] == "file") != single_file:
+        return f"its manifest describes a {held['layout']} export"
+    art = held["artifact"]
+    if art.get("content_hash") != wanted["content_hash"]:
+        return f"it holds an export of {art.get('ref') or art['content_hash'][:12]}"
+    if held.get("format") != wanted["format"] or held.get("options") != json.loads(
+        json.dumps(wanted["options"], default=str)
+    ):
+        opts = ", ".join(f"{k}={v}" for k, v in (held.get("options") or {}).items())
+        return f"it holds an export as {held.get('format')} with other options ({opts})"
+    exporter = held.get("exporter") or {}
+    if exporter.get("plugin") != wanted["plugin"] or exporter.get("version") != wanted["plugin_version"]:
+        return f"it was written by exporter plugin {exporter.get('plugin')} {exporter.get('version')}"
+    problems = compare_export(held, out, single_file=single_file)
+    if any(problems.values()):
+        return f"its files no longer match its manifest: {describe(problems)}"
+    return held
 
 
 def _sync(staging: Path, written: list[str], plugin: str) -> list[str]:

@@ -38,11 +38,16 @@ def test_export_writes_the_file_and_leaves_the_catalog_alone(cli, demo_set, tmp_
     assert len(ok_json(cli, "ls")) == 4
     assert leftovers(out.parent) == []
 
-    code, text, err = cli("export", "llama", "--format", "summary", "--out", out)
-    assert code == 2 and "already exists; choose another --out or pass --force" in err
+    manifest = out.parent / "llama.json.adaptr-manifest.json"
+    assert result["manifest"] == str(manifest) and result["reused"] is False
+    assert json.loads(manifest.read_text())["files"] == result["files"]
+    again = ok_json(cli, "export", "llama", "--format", "summary", "--out", out)  # this very export
+    assert again["reused"] is True and again["files"] == result["files"]
     out.write_text("keep me")
     code, _, err = cli("export", "llama", "--format", "summary", "--out", out)
-    assert code == 2 and out.read_text() == "keep me"
+    assert code == 2 and "already exists; choose another --out or pass --force" in err
+    assert "its files no longer match its manifest: changed llama.json" in err
+    assert out.read_text() == "keep me" and len(err.strip().splitlines()) == 1
     ok_json(cli, "export", "chat-r4", "--format", "summary", "--out", out, "--force")
     assert json.loads(out.read_text())["ref"] == "chat-r4@1"
     code, text, _ = cli("export", "llama", "--format", "summary", "--out", out, "--force")
@@ -74,6 +79,7 @@ def test_folder_exports_swap_in_whole(cli, demo_set, tmp_path):
     ok_json(cli, "export", "code-r8", "--format", "summary-dir", "--out", out, "--force")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "README.md",
+        "adaptr-manifest.json",
         "sub/summary.json",
     ]
     assert json.loads((out / "sub" / "summary.json").read_text())["ref"] == "code-r8@1"
