@@ -13,6 +13,12 @@ from typing import Any
 
 from adaptr.interfaces import AdapterManifest, ExportRequest
 
+WHAT = {
+    "base": "A base model",
+    "merged": "A merged model (LoRA adapters merged into their base)",
+    "quantized": "A quantized model",
+    "adapter": "A LoRA adapter",
+}
 RELATION = {"merged": "merge", "quantized": "quantized", "adapter": "adapter"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _HIDDEN_PARAMS = {"output_hash", "weight"}  # per-edge values, shown elsewhere
@@ -126,8 +132,7 @@ def render(request: ExportRequest) -> str:
         "",
         f"# {art['name']} (version {art['version']})",
         "",
-        f"A {art['kind']} {'LoRA adapter' if art['kind'] == 'adapter' else 'model'} exported by "
-        f"adaptr {__version__} with "
+        f"{WHAT.get(art['kind'], 'A model')} exported by adaptr {__version__} with "
         f"`adaptr export {art['ref']} --format hf`.",
         "",
         f"- content hash (adaptr): `{art['content_hash']}`",
