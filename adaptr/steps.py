@@ -51,7 +51,11 @@ class ExportStep:
         out = Path(spec.out).expanduser()
         if force or spec.force or not (out.exists() or out.is_symlink()):
             return None
-        manifest = out / "adaptr-manifest.json" if out.is_dir() else out.with_name(out.name + ".adaptr-manifest.json")
+        manifest = (
+            out / "adaptr-manifest.json"
+            if out.is_dir()
+            else out.with_name(out.name + ".adaptr-manifest.json")
+        )
         if manifest.is_file():
             return None  # the export decides: this very artifact is reused, anything else refused
         return f"{out} already exists and holds no adaptr export; choose another out or pass --force"
@@ -61,7 +65,7 @@ class ExportStep:
 
         if force:
             spec = spec.model_copy(update={"force": True})
-        return export(spec, catalog=catalog, **({"dry_run": True} if dry_run else {}))
+        return export(spec, catalog=catalog, dry_run=dry_run)
 
 
 @hookimpl

@@ -35,8 +35,14 @@ from adaptr.services.catalog import Catalog
 from adaptr.specs import ExportSpec, validate_spec
 
 
-def export(spec: ExportSpec | dict[str, Any], *, catalog: Catalog | None = None) -> dict[str, Any]:
-    """Export ``spec.input`` as ``spec.format`` to ``spec.out``; return what was written, with hashes."""
+def export(
+    spec: ExportSpec | dict[str, Any], *, catalog: Catalog | None = None, dry_run: bool = False
+) -> dict[str, Any]:
+    """Export ``spec.input`` as ``spec.format`` to ``spec.out``; return what was written, with hashes.
+
+    ``dry_run`` checks everything (exporter, options, artifact kind, the state of ``out``) and says
+    whether the export would be reused, without writing.
+    """
     from adaptr import engine
     from adaptr.io.files import ensure_space, fsync_dir, sha256_file
 
@@ -92,6 +98,7 @@ def export(spec: ExportSpec | dict[str, Any], *, catalog: Catalog | None = None)
                 files = held["files"]
                 return {
                     **result,
+                    **({"dry_run": True} if dry_run else {}),
                     "files": files,
                     "size_bytes": sum(f["size"] for f in files),
                     "reused": True,
@@ -100,6 +107,8 @@ def export(spec: ExportSpec | dict[str, Any], *, catalog: Catalog | None = None)
             raise InvalidInputError(
                 f"{out} already exists; choose another --out or pass --force to replace it ({held})"
             )
+    if dry_run:
+        return {**result, "dry_run": True, "reused": False}
     out.parent.mkdir(parents=True, exist_ok=True)
     ensure_space(
         out.parent, int(shown["size_bytes"] * 1.05) + (1 << 20), f"the {spec.format} export of {ref}"
