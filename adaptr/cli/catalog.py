@@ -11,13 +11,9 @@ from adaptr.cli.output import JSON_OPTION, artifact_table, catalog, emit_json, s
 
 def init(json: bool = JSON_OPTION) -> None:
     """Create the adaptr home (catalog database and store) if missing."""
-    from adaptr.catalog.db import ensure_schema
-    from adaptr.settings import get_settings
+    from adaptr.services import database
 
-    s = get_settings()
-    s.store.mkdir(parents=True, exist_ok=True)
-    ensure_schema()
-    info = {"home": str(s.home), "store": str(s.store), "database_url": s.database_url.split("@")[-1]}
+    info = database.init()
     if json:
         emit_json(info)
     else:
