@@ -19,23 +19,37 @@ for a in chat-r4 code-r8 math-r16-rslora; do
   have "$a" || adaptr adapter add "$FIX/adapters/$a" --base tiny-llama --tag demo
 done
 
-if adaptr merge --help >/dev/null 2>&1 && ! have demo-ties; then
-  echo "==> TIES merge of the three adapters"
-  adaptr merge --base tiny-llama --adapter chat-r4 --adapter code-r8 --adapter math-r16-rslora \
-    --strategy ties --density 0.5 --seed 0 --name demo-ties
-fi
+# Merges and quantizations with an existing recipe are reused, not recomputed: rerunning is free.
+echo "==> TIES merge of the three adapters"
+adaptr merge --base tiny-llama --adapter chat-r4 --adapter code-r8 --adapter math-r16-rslora \
+  --strategy ties --density 0.5 --seed 0 --name demo-ties
 
-if ! have demo-ties-nf4; then
-  echo "==> NF4 (double quantization) of the TIES merge"
-  adaptr quantize demo-ties --method nf4 --double-quant --name demo-ties-nf4
-fi
+echo "==> NF4 (double quantization) of the TIES merge"
+adaptr quantize demo-ties --method nf4 --double-quant --name demo-ties-nf4
 
 echo "==> GGUF (q8_0) of the TIES merge for llama.cpp"
-mkdir -p "$ROOT/.demo/dist"
-adaptr export demo-ties --format gguf --quant q8_0 --out "$ROOT/.demo/dist/demo-ties-q8_0.gguf" --force
+adaptr export demo-ties --format gguf --quant q8_0 --out "$ROOT/.demo/dist/demo-ties-q8_0.gguf"
 
 echo "==> catalog"
 adaptr ls
 echo "==> lineage"
 if have demo-ties; then adaptr lineage demo-ties; else adaptr lineage tiny-llama; fi
 adaptr verify
+
+echo "==> the same as a pipeline, as CI runs it (every step is reused), plus a Hugging Face export"
+cat > "$ROOT/.demo/pipeline.yaml" <<'YAML'
+version: 1
+steps:
+  - id: merged
+    merge: {base: tiny-llama, adapters: [chat-r4, code-r8, math-r16-rslora], strategy: ties, density: 0.5, name: demo-ties}
+  - id: nf4
+    quantize: {input: merged, method: nf4, double_quant: true, name: demo-ties-nf4}
+  - id: gguf
+    export: {input: merged, format: gguf, quant: q8_0, out: dist/demo-ties-q8_0.gguf}
+  - id: publish
+    export: {input: merged, format: hf, out: dist/demo-ties-hf}
+YAML
+adaptr run "$ROOT/.demo/pipeline.yaml"
+adaptr verify-export "$ROOT/.demo/dist/demo-ties-hf"
+echo "==> the export's manifest (first lines)"
+head -n 20 "$ROOT/.demo/dist/demo-ties-hf/adaptr-manifest.json"

@@ -43,7 +43,7 @@ def export(
     ``dry_run`` checks everything (exporter, options, artifact kind, the state of ``out``) and says
     whether the export would be reused, without writing.
     """
-    from adaptr import engine
+    from adaptr import plan as planning
     from adaptr.io.files import ensure_space, fsync_dir, sha256_file
 
     if isinstance(spec, dict):
@@ -52,7 +52,7 @@ def export(
     registry = get_registry("exporter")
     exporter = registry.get(spec.format)
     plugin = registry.plugin_of(spec.format)
-    options = engine.resolve_params(exporter, spec.exporter_args(), "exporter")
+    options = planning.resolve_params(exporter, spec.exporter_args(), "exporter")
 
     with catalog.session() as s:
         art = catalog.resolve(s, spec.input)

@@ -81,7 +81,7 @@ def merge(
     up and returns what would happen (``{"dry_run": true, "reused": ..., "recipe_hash": ...}``).
     """
     started = time.perf_counter()
-    from adaptr import engine
+    from adaptr import plan as planning
     from adaptr.io.files import ensure_space
     from adaptr.io.safetensors_io import parse_size
 
@@ -112,7 +112,7 @@ def merge(
             f"strategy {strategy_name!r} does not accept negative weights (its weighted mean is undefined); "
             "use linear or task_arithmetic for task negation"
         )
-    params = engine.resolve_params(strategy, spec.strategy_args())
+    params = planning.resolve_params(strategy, spec.strategy_args())
     max_shard = parse_size(spec.max_shard_size)
     if spec.qlora_params and not spec.qlora:
         raise InvalidInputError(
@@ -157,7 +157,7 @@ def merge(
         for a, w in zip(adapter_arts, weights):
             m = AdapterManifest.from_dict(a.manifest)
             _refuse_flags(f"{a.name}@{a.version}", a.flags, strategy, len(adapter_arts))
-            inputs.append(engine.AdapterInput(f"{a.name}@{a.version}", Path(a.path), m, float(w)))
+            inputs.append(planning.AdapterInput(f"{a.name}@{a.version}", Path(a.path), m, float(w)))
         base_path, base_ref = Path(base_art.path), f"{base_art.name}@{base_art.version}"
         base_dtype = base_manifest.dtype
         trained_on = _trained_on(spec, adapter_arts)
@@ -177,12 +177,12 @@ def merge(
             )
         mts_from = matches[0]
 
-    plan = engine.plan_merge(base_manifest, inputs, dtype=spec.dtype, modules_to_save_from=mts_from)
+    plan = planning.plan_merge(base_manifest, inputs, dtype=spec.dtype, modules_to_save_from=mts_from)
     if spec.skip is not None and not (trained_on or requant):
         raise InvalidInputError(
             "--skip chooses what --qlora or --requantize leave unquantized; give one of them"
         )
-    skip = list(engine.DEFAULT_SKIP if spec.skip is None else spec.skip)
+    skip = list(planning.DEFAULT_SKIP if spec.skip is None else spec.skip)
     qlora = qlora_plugin = None
     if trained_on:
         if base_dtype not in _QUANTIZABLE_DTYPES:
@@ -191,12 +191,12 @@ def merge(
                 f"{base_dtype or 'of unknown dtype'}"
             )
         qlora, qlora_plugin = quant_step(*trained_on)
-        engine.plan_quantization(plan, qlora, skip, parts=False)
+        planning.plan_quantization(plan, qlora, skip, parts=False)
         if not any(t.roundtrip for t in plan.tensors):
             raise InvalidInputError(
                 f"--qlora {trained_on[0]} quantizes no weight of {base_ref} with --skip {','.join(skip)}"
             )
-    skipped = engine.plan_quantization(plan, requant, skip, parts=True) if requant else []
+    skipped = planning.plan_quantization(plan, requant, skip, parts=True) if requant else []
     if plan.untied:
         log.warning(
             "an adapter changes the tied input embedding/lm_head of %s: writing %s separately and setting "
@@ -271,7 +271,7 @@ def merge(
     qconfig = requant.quantizer.config(requant.params, skipped, base_dtype or "bfloat16") if requant else None
     try:
         with catalog.progress.task(f"merging {spec.name}", plan.source_bytes) as advance:
-            hashes = engine.execute(
+            hashes = _engine().execute(
                 plan,
                 base_path=base_path,
                 adapters=inputs,
@@ -287,11 +287,11 @@ def merge(
                 report=report,
             )
         untied = plan.untied is not None
-        engine.copy_side_files(
+        planning.copy_side_files(
             base_path, staged, dtype=spec.dtype, untied=untied, quantization_config=qconfig
         )
         if tee is not None:
-            engine.copy_side_files(base_path, tee, dtype=spec.dtype, untied=untied)
+            planning.copy_side_files(base_path, tee, dtype=spec.dtype, untied=untied)
         check = qlora_report = None
         if spec.verify and qlora is not None:
             from adaptr.verify import qlora_logit_report
@@ -410,3 +410,10 @@ def _refuse_flags(ref: str, flags: list[str], strategy: Any, n: int) -> None:
                 f"adapter {ref} is a DoRA adapter: DoRA has no defined linear combination; merge it alone with "
                 "--strategy simple"
             )
+
+
+def _engine() -> Any:
+    """The engine (and torch) load only when something is computed; reuse and planning stay fast."""
+    from adaptr import engine
+
+    return engine

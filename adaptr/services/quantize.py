@@ -26,12 +26,12 @@ QUANTIZABLE_KINDS = ("base", "merged")
 
 def quant_step(method: str, given: dict[str, Any]) -> tuple[Any, str]:
     """The quantizer ``method`` with resolved parameters, and the plugin that registered it."""
-    from adaptr import engine
+    from adaptr import plan as planning
 
     registry = get_registry("quantizer")
     quantizer = registry.get(method)
-    params = engine.resolve_params(quantizer, given, "quantizer")
-    return engine.QuantStep(quantizer, params), registry.plugin_of(method)
+    params = planning.resolve_params(quantizer, given, "quantizer")
+    return planning.QuantStep(quantizer, params), registry.plugin_of(method)
 
 
 def refuse_quantized(ref: str, kind: str, path: str | Path) -> None:
@@ -96,7 +96,7 @@ def quantize(
     up and returns what would happen (``{"dry_run": true, "reused": ..., "recipe_hash": ...}``).
     """
     started = time.perf_counter()
-    from adaptr import engine
+    from adaptr import plan as planning
     from adaptr.io.files import ensure_space
     from adaptr.io.safetensors_io import parse_size
 
@@ -121,9 +121,9 @@ def quantize(
         src_path = Path(src.path)
         root_base = src.base_id or src.id
 
-    plan = engine.plan_merge(manifest, [], dtype=None, modules_to_save_from=None)
-    skip = list(engine.DEFAULT_SKIP if spec.skip is None else spec.skip)
-    skipped = engine.plan_quantization(plan, step, skip, parts=True)
+    plan = planning.plan_merge(manifest, [], dtype=None, modules_to_save_from=None)
+    skip = list(planning.DEFAULT_SKIP if spec.skip is None else spec.skip)
+    skipped = planning.plan_quantization(plan, step, skip, parts=True)
     quantized = [t.name for t in plan.tensors if t.parts is not None]
     if not quantized:
         raise InvalidInputError(
@@ -161,7 +161,7 @@ def quantize(
     staged = catalog.store.staging()
     try:
         with catalog.progress.task(f"quantizing {spec.name}", plan.source_bytes) as advance:
-            hashes = engine.execute(
+            hashes = _engine().execute(
                 plan,
                 base_path=src_path,
                 adapters=[],
@@ -175,7 +175,7 @@ def quantize(
                 report=report,
             )
         compute = manifest.dtype or "bfloat16"
-        engine.copy_side_files(
+        planning.copy_side_files(
             src_path,
             staged,
             dtype=None,
@@ -217,3 +217,10 @@ def quantize(
         known_hashes=hashes,
     )
     return {**art, "reused": False, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _engine() -> Any:
+    """The engine (and torch) load only when something is computed; reuse and planning stay fast."""
+    from adaptr import engine
+
+    return engine
