@@ -16,14 +16,13 @@ How the index is found without ``bucketize``: ``s`` lies in [-1-ε, 1+ε], so it
 midpoint away from a known index there. One int32 table ``carry`` per code book makes
 ``(t + carry[t >> 21]) >> 21`` that index exactly: a cell's base index plus the carry out of its low
 21 bits past the midpoint's key. Per element that is a shift, an xor, a shift, one gather, an add and
-a shift, in cache-sized chunks, on every core torch may use.
+a shift, in chunks with reused buffers, on every thread torch may use.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 
@@ -71,13 +70,12 @@ _NF4 = (
 _FP4 = (0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 
 _SHIFT = 21  # cell = key >> 21: 1024 cells, each holding at most one midpoint of either code book
-_CHUNK = 1 << 17  # elements per step single-threaded: fewer, longer ops beat an L2-sized chunk here
-_CHUNK_MT = (1 << 15) - 1  # per step and thread: below torch's grain size, so no op fans out again
-_PARALLEL_MIN = 1 << 20  # elements below which a thread pool costs more than it saves
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
+# Elements per step. Single-threaded: fewer, longer ops beat an L2-sized chunk (each op costs a few
+# microseconds of Python and dispatch). With torch threads: large enough that each thread's share
+# of an op is still about that size.
+_CHUNK = 1 << 17
+_CHUNK_MT = 1 << 19
+_local = threading.local()
 
 
 @dataclass
@@ -174,6 +172,7 @@ class _Scratch:
     """
 
     def __init__(self, size: int, blocksize: int, quant_type: str) -> None:
+        self.key = (size, blocksize, quant_type)
         self.f = torch.empty(size, dtype=torch.float32)
         self.t = self.f.view(torch.int32)
         self.blocks = self.f.view(-1, blocksize)
@@ -187,7 +186,7 @@ class _Scratch:
         self.words = self.q8.view(torch.int32)
         self.w = torch.empty(size // 4, dtype=torch.int32)
         self.w16 = self.w.view(torch.int16)
-        self.carry = _carry_table(quant_type)  # built once per process, before any worker starts
+        self.carry = _carry_table(quant_type)
         self.remap = _code_of_sorted(quant_type) if quant_type != "nf4" else None
 
 
@@ -242,45 +241,26 @@ def _chunk(x: Tensor, absmax: Tensor, out: Tensor, sc: _Scratch) -> None:
     _pack_(q, sc.q8, sc.words, sc.w, sc.w16, out)
 
 
-def _get_pool(workers: int) -> ThreadPoolExecutor:
-    global _pool, _pool_size
-    with _pool_lock:
-        if _pool is None or _pool_size < workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="adaptr-quant4")
-            _pool_size = workers
-        return _pool
-
-
 def _run_chunks(flat: Tensor, out: Tensor, absmax: Tensor, blocksize: int, qt: str) -> int:
-    """Quantize the whole chunks of ``flat``, threaded if torch may use more than one thread.
+    """Quantize the whole chunks of ``flat``; returns how many elements that covered (the rest is ``_tail``'s).
 
-    Returns how many elements that covered (the rest is ``_tail``'s).
+    With several torch threads the chunks are larger and every op fans out over them (torch's own
+    intra-op threads); a Python thread pool loses here, since each op hands the GIL over again.
     """
-    workers = min(torch.get_num_threads(), 8)
-    threaded = workers > 1 and flat.numel() >= _PARALLEL_MIN
-    _Scratch(0, blocksize, qt)  # builds the cached tables in this thread
-    step = _step(blocksize, _CHUNK_MT if threaded else _CHUNK)
+    step = _step(blocksize, _CHUNK if torch.get_num_threads() == 1 else _CHUNK_MT)
     full = flat.numel() // step * step
-    jobs = list(
-        zip(
-            flat[:full].view(-1, step).unbind(0),
-            absmax[: full // blocksize].view(-1, step // blocksize).unbind(0),
-            out[: full // 2].view(-1, step // 2).unbind(0),
-        )
-    )
-
-    def run(part: list[tuple[Tensor, Tensor, Tensor]]) -> None:
-        sc = _Scratch(step, blocksize, qt)
-        for x, am, o in part:
-            _chunk(x, am, o, sc)
-
-    if not threaded:
-        run(jobs)
-        return full
-    per = -(-len(jobs) // workers)
-    futures = [_get_pool(workers).submit(run, jobs[i : i + per]) for i in range(0, len(jobs), per)]
-    for fut in futures:
-        fut.result()
+    if not full:
+        return 0
+    key = (step, blocksize, qt)
+    sc = getattr(_local, "scratch", None)
+    if sc is None or sc.key != key:  # one set of buffers per thread, kept: no page faults per tensor
+        sc = _local.scratch = _Scratch(step, blocksize, qt)
+    for x, am, o in zip(
+        flat[:full].view(-1, step).unbind(0),
+        absmax[: full // blocksize].view(-1, step // blocksize).unbind(0),
+        out[: full // 2].view(-1, step // 2).unbind(0),
+    ):
+        _chunk(x, am, o, sc)
     return full
 
 
