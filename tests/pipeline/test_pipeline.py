@@ -209,3 +209,29 @@ def test_a_failed_step_keeps_the_earlier_ones(cli, demo_set, tmp_path):
     fixed = ok_json(cli, "run", pipe)
     assert [s["action"] for s in fixed["steps"]] == ["reused", "computed"]
     assert json.loads(json.dumps(fixed))["steps"][1]["ref"] == "one-nf4@1"
+
+
+def test_an_unchanged_rerun_loads_neither_torch_nor_weights(cli, demo_set, tmp_path, adaptr_home):
+    """Reuse is decided from the catalog alone: the rerun process never imports torch."""
+    import os
+    import subprocess
+    import sys
+
+    register_demo(cli, demo_set)
+    pipe = write(tmp_path, PIPELINE.format(out="dist/demo.gguf"))
+    ok_json(cli, "run", pipe)
+    probe = (
+        "import sys, json, adaptr.cli\n"
+        "try:\n    adaptr.cli.main(['run', sys.argv[1], '--json'])\n"
+        "except SystemExit as e:\n    assert not e.code, e.code\n"
+        "print('TORCH', 'torch' in sys.modules, file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, str(pipe)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "ADAPTR_HOME": str(adaptr_home)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["computed"] == 0
+    assert "TORCH False" in proc.stderr
