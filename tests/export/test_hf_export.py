@@ -148,6 +148,14 @@ def test_adapter_export_loads_in_peft(cli, demo, tmp_path):
     assert front["base_model"] == "llama" and {"adaptr", "lora", "math"} <= set(front["tags"])
     assert "PeftModel.from_pretrained" in body
 
+    for bad in ("lots", "0"):
+        code, _, err = cli(
+            "export", "llama", "--format", "hf", "--out", tmp_path / "x", "--param", f"max_shard_size={bad}"
+        )
+        assert code == 2 and ("max_shard_size" in err or "cannot parse size" in err), err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adaptr-home", "m-peft"]  # no staging leftovers
+
 
 def test_manifest_lists_every_file_and_the_lineage(cli, demo, tmp_path):
     catalog_with_lineage(cli, demo)  # q4 is a descendant of merged: it stays out of merged's chain
