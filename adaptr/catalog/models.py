@@ -82,3 +82,48 @@ class LineageEdge(SQLModel, table=True):
     created_at: datetime = Field(
         default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
     )
+
+
+class ApiToken(SQLModel, table=True):
+    """A REST API bearer token. Only a hash of its secret is stored; ``token_id`` names it."""
+
+    __tablename__ = "api_token"
+
+    id: int | None = Field(default=None, primary_key=True)
+    token_id: str = Field(max_length=32, unique=True, index=True)
+    secret_hash: str = Field(max_length=64)
+    scope: str = Field(max_length=16)  # read, write or admin
+    name: str | None = Field(default=None, max_length=200)
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    expires_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class Job(SQLModel, table=True):
+    """A merge, quantization, export or pipeline run requested through the REST API."""
+
+    __tablename__ = "job"
+
+    id: str = Field(primary_key=True, max_length=32)
+    kind: str = Field(max_length=32)  # merge, quantize, export, run
+    state: str = Field(index=True, max_length=16)  # queued, running, succeeded, failed, cancelled
+    request: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    progress: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    result: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    error: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    server: str | None = Field(default=None, max_length=200)  # host:pid of the server that ran it
+    created_at: datetime = Field(
+        default_factory=utcnow, sa_column=Column(DateTime(timezone=True), nullable=False)
+    )
+    started_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    finished_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )

@@ -64,6 +64,9 @@ def build_app() -> typer.Typer:
     app.add_typer(adapter.app, name="adapter")
     app.add_typer(db.app, name="db")
     plugins.register(app)
+    from adaptr.cli import serve
+
+    serve.register(app)  # serve and token
     from adaptr.plugins import get_host
 
     get_host().pm.hook.register_commands(app=app)
