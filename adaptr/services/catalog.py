@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from adaptr.catalog.db import session_scope
@@ -300,59 +301,97 @@ class Catalog:
         known_hashes: dict[str, str] | None = None,
         recipe_hash: str | None = None,
     ) -> dict[str, Any]:
-        """Put the files in place, then commit the row; nothing is registered half-written."""
-        with self.session() as s:
-            version = self.next_version(s, name, kind, new_version)
-            total = _total_size(staged or linked, linked_files)
-            with self.progress.task(f"hashing {name}", total) as advance:
-                if staged is not None:
-                    folder, entries = self.store.commit(staged, name, version, advance, known_hashes)
-                    storage = "store"
-                else:
-                    assert linked is not None
-                    folder, storage = linked.resolve(), "link"
-                    entries = hash_folder(folder, advance, files=linked_files)
-            try:
-                art = Artifact(
-                    name=name,
-                    version=version,
-                    kind=kind,
-                    content_hash=content_hash(entries),
-                    size_bytes=sum(e.size for e in entries),
-                    path=str(folder),
-                    storage=storage,
-                    base_id=base_id,
-                    rank=rank,
-                    meta=meta or {},
-                    manifest=manifest or {},
-                    flags=sorted(set(flags)),
-                    recipe_hash=recipe_hash,
-                )
-                s.add(art)
-                s.flush()
-                for e in entries:
-                    s.add(ArtifactFile(artifact_id=art.id, relpath=e.relpath, size=e.size, sha256=e.sha256))
-                for t in sorted(set(tags)):
-                    s.add(Tag(artifact_id=art.id, tag=t))
-                for p in parents:
-                    s.add(
-                        LineageEdge(
-                            parent_id=p.artifact.id,
-                            child_id=art.id,
-                            operation=p.operation,
-                            params={**p.params, "output_hash": art.content_hash},
-                            plugin=p.plugin,
-                            plugin_version=p.plugin_version,
-                            seed=p.seed,
+        """Put the files in place, then commit the row; nothing is registered half-written.
+
+        Safe against other processes registering the same name at once, on SQLite and PostgreSQL:
+        files are hashed and linked into a folder of their own first; then, holding the name's
+        store lock, the version is chosen from the committed rows, the folder renamed into place
+        and the row committed. A loser gets ``NameTakenError`` (or, with ``new_version``, the next
+        version); a unique-constraint violation from a process that does not share this store
+        (another host on the same database) is turned into the same error.
+        """
+        check_name(name)
+        total = _total_size(staged or linked, linked_files)
+        built = None
+        with self.progress.task(f"hashing {name}", total) as advance:
+            if staged is not None:
+                built = self.store.build(staged, advance, known_hashes)
+                entries, storage = built.entries, "store"
+            else:
+                assert linked is not None
+                folder, storage = linked.resolve(), "link"
+                entries = hash_folder(folder, advance, files=linked_files)
+        try:
+            for attempt in range(_RECORD_ATTEMPTS):
+                with self.store.lock(name), self.session() as s:
+                    version = self.next_version(s, name, kind, new_version)
+                    if built is not None:
+                        folder = self.store.place(built, name, version)
+                    try:
+                        art = Artifact(
+                            name=name,
+                            version=version,
+                            kind=kind,
+                            content_hash=content_hash(entries),
+                            size_bytes=sum(e.size for e in entries),
+                            path=str(folder),
+                            storage=storage,
+                            base_id=base_id,
+                            rank=rank,
+                            meta=meta or {},
+                            manifest=manifest or {},
+                            flags=sorted(set(flags)),
+                            recipe_hash=recipe_hash,
                         )
-                    )
-                s.commit()
-            except BaseException:
-                s.rollback()
-                if storage == "store":
-                    self.store.discard(name, version, self._orphans(s, [e.sha256 for e in entries]))
-                raise
-            out = self.to_json(s, art)
+                        s.add(art)
+                        s.flush()
+                        for e in entries:
+                            s.add(
+                                ArtifactFile(
+                                    artifact_id=art.id, relpath=e.relpath, size=e.size, sha256=e.sha256
+                                )
+                            )
+                        for t in sorted(set(tags)):
+                            s.add(Tag(artifact_id=art.id, tag=t))
+                        for p in parents:
+                            s.add(
+                                LineageEdge(
+                                    parent_id=p.artifact.id,
+                                    child_id=art.id,
+                                    operation=p.operation,
+                                    params={**p.params, "output_hash": art.content_hash},
+                                    plugin=p.plugin,
+                                    plugin_version=p.plugin_version,
+                                    seed=p.seed,
+                                )
+                            )
+                        s.commit()
+                    except IntegrityError as e:
+                        s.rollback()
+                        if built is not None:
+                            self.store.unplace(built, name, version)
+                        if not _is_name_version_conflict(e):
+                            raise InvalidInputError(
+                                f"{name} could not be registered: an artifact it refers to (its base or an "
+                                "input) was removed from the catalog meanwhile; nothing was registered"
+                            ) from None
+                        if new_version and attempt + 1 < _RECORD_ATTEMPTS:
+                            continue  # another host took this version: take the next one
+                        self.next_version(s, name, kind, False)  # raises NameTakenError, naming the latest
+                        raise NameTakenError(
+                            f"artifact {name!r} already exists; choose another name"
+                        ) from None
+                    except BaseException:
+                        s.rollback()
+                        if built is not None:
+                            self.store.unplace(built, name, version)
+                        raise
+                    out = self.to_json(s, art)
+                    built = None  # placed and committed: no longer ours to clean up
+                    break
+        finally:
+            if built is not None:
+                self.store.abandon(built)
         get_host().pm.hook.artifact_recorded(artifact=out, operation=operation)
         return out
 
@@ -596,38 +635,61 @@ class Catalog:
 
     def gc(self, *, dry_run: bool = False) -> dict[str, Any]:
         """Remove what no catalog row owns: staging folders of dead processes, unregistered
-        artifact folders and unreferenced objects. Never touches linked (user-owned) files."""
+        artifact folders and unreferenced objects. Never touches linked (user-owned) files, nor
+        live work of other processes: an artifact folder is judged holding its name's lock (a
+        registration holds it from placing the folder until its row is committed), and an
+        object that a folder still links (a build in progress) stays."""
+        from collections import Counter
+
         from adaptr.store import tree_size
 
         removed: dict[str, list[str]] = {"staging": [], "artifacts": [], "objects": []}
         freed = 0
+        doomed: Counter[int] = Counter()  # dry run: object links the listed folders hold
+
+        def drop(folder: Path) -> None:
+            if dry_run:
+                doomed.update(f.stat().st_ino for f in folder.rglob("*") if f.is_file())
+            else:
+                shutil.rmtree(folder, ignore_errors=True)
+
         with self.session() as s:
             for p in self.store.leftovers():
                 removed["staging"].append(p.name)
                 freed += tree_size(p)
-                if not dry_run:
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-            stored = {
-                (a.name, str(a.version)) for a in s.exec(select(Artifact).where(Artifact.storage == "store"))
-            }
+                if p.is_dir():
+                    drop(p)
+                elif not dry_run:
+                    p.unlink(missing_ok=True)
             if self.store.artifacts.is_dir():
                 for name_dir in sorted(self.store.artifacts.iterdir()):
-                    for vdir in sorted(name_dir.iterdir()) if name_dir.is_dir() else []:
-                        if (name_dir.name, vdir.name) not in stored:
-                            removed["artifacts"].append(f"{name_dir.name}@{vdir.name}")
-                            freed += tree_size(vdir)
-                            if not dry_run:
-                                shutil.rmtree(vdir, ignore_errors=True)
-                    if not dry_run and name_dir.is_dir() and not any(name_dir.iterdir()):
-                        name_dir.rmdir()
+                    if not name_dir.is_dir():
+                        continue
+                    with self.store.lock(name_dir.name):
+                        stored = {
+                            str(v)
+                            for v in s.exec(
+                                select(Artifact.version).where(
+                                    Artifact.name == name_dir.name, Artifact.storage == "store"
+                                )
+                            )
+                        }
+                        for vdir in sorted(name_dir.iterdir()):
+                            if vdir.name not in stored:
+                                removed["artifacts"].append(f"{name_dir.name}@{vdir.name}")
+                                freed += tree_size(vdir)
+                                drop(vdir)
+                        if not dry_run and not any(name_dir.iterdir()):
+                            name_dir.rmdir()
             used = set(
                 s.exec(select(ArtifactFile.sha256).join(Artifact).where(Artifact.storage == "store")).all()
             )
             if self.store.objects.is_dir():
                 for obj in sorted(self.store.objects.glob("*/*")):
-                    if obj.name not in used:
+                    st = obj.stat()
+                    if obj.name not in used and st.st_nlink - doomed[st.st_ino] <= 1:
                         removed["objects"].append(obj.name)
-                        freed += obj.stat().st_size
+                        freed += st.st_size
                         if not dry_run:
                             obj.unlink(missing_ok=True)
         return {"removed": removed, "freed_bytes": freed, "dry_run": dry_run}
@@ -644,6 +706,16 @@ def _utc(t: datetime) -> datetime:
 
 def _ref(a: Artifact) -> str:
     return f"{a.name}@{a.version}"
+
+
+# A registration retries on a unique-constraint race with another host only with new_version.
+_RECORD_ATTEMPTS = 20
+
+
+def _is_name_version_conflict(e: IntegrityError) -> bool:
+    """The (name, version) unique constraint, as PostgreSQL (by name) or SQLite (by columns) says it."""
+    text = str(e.orig)
+    return "uq_artifact_name_version" in text or "artifact.name, artifact.version" in text
 
 
 def _total_size(folder: Path | None, files: list[Path] | None) -> int | None:
