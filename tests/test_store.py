@@ -156,3 +156,132 @@ def test_content_hash_definition(tmp_path: Path) -> None:
     assert content_hash(reversed(entries)) == content_hash(entries)  # order of input does not matter
     # the name is part of the hash
     assert content_hash([FileEntry("x", 3, sha(b"bee"))]) != content_hash([FileEntry("y", 3, sha(b"bee"))])
+
+
+# --- concurrency: the name lock, and registrations racing (on SQLite and PostgreSQL) -------------
+
+
+def test_lock_excludes_other_processes_and_dies_with_them(store: Store, tmp_path: Path) -> None:
+    """The name lock is an flock: another process holding it blocks us, and SIGKILL frees it."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    code = (
+        "import sys, time; from pathlib import Path; from adaptr.store import Store\n"
+        f"with Store(Path({str(store.root)!r})).lock('art'):\n"
+        "    print('held', flush=True); time.sleep(120)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        got = threading.Event()
+
+        def take() -> None:
+            with store.lock("art"), store.lock("art"):  # re-entrant within a thread
+                got.set()
+
+        t = threading.Thread(target=take, daemon=True)
+        t.start()
+        assert not got.wait(0.5)  # blocked by the other process
+        with store.lock("other"):  # other names are not
+            pass
+        holder.send_signal(signal.SIGKILL)
+        assert got.wait(30)
+        t.join(10)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not list(store.locks.iterdir())  # released locks leave no files behind
+
+
+def test_place_and_unplace(store: Store) -> None:
+    built = store.build(stage(store, {"f": b"v1"}))
+    assert built.folder.parent == store.tmp and not list(store.artifacts.glob("*"))
+    final = store.place(built, "art", 1)
+    assert final == store.artifact_dir("art", 1) and not built.folder.exists()
+    store.unplace(built, "art", 1)  # its row did not commit: back under tmp/, ready for another version
+    assert built.folder.is_dir() and not (store.artifacts / "art").exists()
+    assert store.place(built, "art", 2) == store.artifact_dir("art", 2)
+    assert (store.artifact_dir("art", 2) / "f").read_bytes() == b"v1"
+
+
+def catalogs(backend, tmp_path: Path, n: int) -> list:
+    """``n`` catalogs on one database, each with its own store (hosts that share no lock)."""
+    from adaptr.services.catalog import Catalog
+
+    out = []
+    for i in range(n):
+        c = Catalog(home=tmp_path / f"host{i}")
+        c.database_url = backend.url
+        out.append(c)
+    return out
+
+
+@pytest.mark.parametrize("new_version", [False, True])
+def test_record_race_on_the_unique_constraint(
+    backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_version: bool
+) -> None:
+    """Two registrations past the version choice at once, in stores that share no lock: the
+    database's unique constraint decides; the loser gets NameTakenError (or the next version)."""
+    import threading
+
+    from adaptr.errors import NameTakenError
+
+    cats = catalogs(backend, tmp_path, 2)
+    assert cats[0].count() == 0  # a new SQLite file upgrades itself on first use: not in two threads
+    barrier = threading.Barrier(2, timeout=30)
+    real_place = Store.place
+
+    def place(self, built, name, version):
+        if version == 1:
+            barrier.wait()  # both chose version 1 (a retry for version 2 goes straight on)
+        return real_place(self, built, name, version)
+
+    monkeypatch.setattr(Store, "place", place)
+    results: list = [None, None]
+
+    def register(i: int) -> None:
+        try:
+            staged = stage(cats[i].store, {"w.bin": f"weights {i}".encode()})
+            results[i] = cats[i].record(name="x", kind="adapter", staged=staged, new_version=new_version)
+        except Exception as e:
+            results[i] = e
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    if new_version:
+        assert sorted(r["version"] for r in results) == [1, 2], results
+    else:
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert len(errors) == 1 and isinstance(errors[0], NameTakenError), results
+        assert "already exists" in str(errors[0]) and "--new-version" in str(errors[0])
+        loser = cats[results.index(errors[0])]
+        assert not (loser.store.artifacts / "x").exists() and not list(loser.store.tmp.iterdir())
+        assert objects(loser.store) == []
+    with cats[0].session() as s:
+        from sqlmodel import select
+
+        from adaptr.catalog.models import Artifact
+
+        rows = s.exec(select(Artifact.name, Artifact.version).order_by(Artifact.version)).all()
+    assert [tuple(r) for r in rows] == ([("x", 1), ("x", 2)] if new_version else [("x", 1)])
+
+
+def test_gc_keeps_what_a_live_build_links(backend, tmp_path: Path) -> None:
+    """Objects of a build not yet registered are linked from its folder: gc leaves them."""
+    (cat,) = catalogs(backend, tmp_path, 1)
+    built = cat.store.build(stage(cat.store, {"a": b"in progress"}))
+    assert cat.gc()["removed"] == {"staging": [], "artifacts": [], "objects": []}
+    assert objects(cat.store) == [sha(b"in progress")]
+    cat.store.abandon(built)
+    assert objects(cat.store) == []
+    staged = stage(cat.store, {"b": b"kept"})
+    cat.record(name="y", kind="adapter", staged=staged)
+    (cat.store.artifact_dir("y", 7)).mkdir(parents=True)  # a killed process's folder: no row, no lock
+    report = cat.gc()
+    assert report["removed"]["artifacts"] == ["y@7"] and objects(cat.store) == [sha(b"kept")]

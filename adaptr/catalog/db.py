@@ -37,8 +37,21 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur.close()
 
 
+def _driver_url(url: str) -> str:
+    """``postgresql://`` names psycopg2 in SQLAlchemy; use psycopg (3, the ``postgres`` extra)
+    when psycopg2 is not installed, so a plain PostgreSQL URL works as it is."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            import importlib.util
+
+            if importlib.util.find_spec("psycopg2") is None and importlib.util.find_spec("psycopg"):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
 @lru_cache(maxsize=8)
 def _engine(url: str) -> Engine:
+    url = _driver_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
