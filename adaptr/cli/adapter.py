@@ -14,15 +14,23 @@ app = typer.Typer(help="Register and inspect LoRA adapters.", no_args_is_help=Tr
 @app.command("add")
 def add(
     path: Path = typer.Argument(..., help="PEFT adapter folder (adapter_config.json + weights)."),
-    base: str = typer.Option(..., "--base", help="Catalog base model it was trained on (NAME[@N])."),
-    name: str = typer.Option(None, "--name", help="Catalog name (default: the folder name)."),
-    tag: list[str] = typer.Option([], "--tag", help="Tag to attach (repeatable)."),
+    base: str = typer.Option(
+        ..., "--base", metavar="NAME[@N]", help="Catalog base model it was trained on (NAME[@N])."
+    ),
+    name: str = typer.Option(None, "--name", metavar="NAME", help="Catalog name (default: the folder name)."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG", help="Tag to attach (repeatable)."),
     new_version: bool = typer.Option(False, "--new-version", help="Add a new version of an existing name."),
     trained_on: str = typer.Option(
-        None, "--trained-on", help="Quantizer of the QLoRA base it was trained on (nf4); merges honour it."
+        None,
+        "--trained-on",
+        metavar="METHOD",
+        help="Quantizer of the QLoRA base it was trained on (nf4); merges honour it.",
     ),
     trained_on_param: list[str] = typer.Option(
-        None, "--trained-on-param", help="A parameter of that quantizer, KEY=VALUE (e.g. double_quant=true)."
+        None,
+        "--trained-on-param",
+        metavar="KEY=VALUE",
+        help="A parameter of that quantizer, KEY=VALUE (e.g. double_quant=true).",
     ),
     json: bool = JSON_OPTION,
 ) -> None:
@@ -45,9 +53,9 @@ def add(
 
 @app.command("ls")
 def ls(
-    base: str = typer.Option(None, "--base", help="Only adapters of this base."),
-    tag: str = typer.Option(None, "--tag"),
-    rank: int = typer.Option(None, "--rank"),
+    base: str = typer.Option(None, "--base", metavar="NAME[@N]", help="Only adapters of this base."),
+    tag: str = typer.Option(None, "--tag", metavar="TAG", help="Only adapters with this tag."),
+    rank: int = typer.Option(None, "--rank", metavar="INT", help="Only adapters of this LoRA rank."),
     json: bool = JSON_OPTION,
 ) -> None:
     """List adapters."""

@@ -14,11 +14,11 @@ app = typer.Typer(help="Register and inspect base models.", no_args_is_help=True
 @app.command("add")
 def add(
     path: Path = typer.Argument(..., help="Hugging Face model folder (config.json + safetensors)."),
-    name: str = typer.Option(None, "--name", help="Catalog name (default: the folder name)."),
+    name: str = typer.Option(None, "--name", metavar="NAME", help="Catalog name (default: the folder name)."),
     copy: bool = typer.Option(
         False, "--copy/--link", help="Copy into the store, or link in place (default)."
     ),
-    tag: list[str] = typer.Option([], "--tag", help="Tag to attach (repeatable)."),
+    tag: list[str] = typer.Option([], "--tag", metavar="TAG", help="Tag to attach (repeatable)."),
     new_version: bool = typer.Option(False, "--new-version", help="Add a new version of an existing name."),
     json: bool = JSON_OPTION,
 ) -> None:

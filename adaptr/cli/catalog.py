@@ -21,10 +21,14 @@ def init(json: bool = JSON_OPTION) -> None:
 
 
 def ls(
-    kind: str = typer.Option(None, "--kind", help="base, adapter, merged, quantized or exported."),
-    base: str = typer.Option(None, "--base", help="Only artifacts built on this base (NAME or NAME@N)."),
-    tag: str = typer.Option(None, "--tag", help="Only artifacts with this tag."),
-    rank: int = typer.Option(None, "--rank", help="Only adapters of this LoRA rank."),
+    kind: str = typer.Option(
+        None, "--kind", metavar="KIND", help="base, adapter, merged, quantized or exported."
+    ),
+    base: str = typer.Option(
+        None, "--base", metavar="NAME[@N]", help="Only artifacts built on this base (NAME or NAME@N)."
+    ),
+    tag: str = typer.Option(None, "--tag", metavar="TAG", help="Only artifacts with this tag."),
+    rank: int = typer.Option(None, "--rank", metavar="INT", help="Only adapters of this LoRA rank."),
     json: bool = JSON_OPTION,
 ) -> None:
     """List every artifact version in the catalog."""

@@ -10,7 +10,10 @@ app = typer.Typer(help="Catalog database schema.", no_args_is_help=True)
 
 
 @app.command("upgrade")
-def upgrade(revision: str = typer.Option("head", "--revision"), json: bool = JSON_OPTION) -> None:
+def upgrade(
+    revision: str = typer.Option("head", "--revision", metavar="REVISION", help="Target schema revision."),
+    json: bool = JSON_OPTION,
+) -> None:
     """Apply migrations up to REVISION (default: the newest)."""
     from adaptr.services import database
 

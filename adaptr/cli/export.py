@@ -11,12 +11,14 @@ from adaptr.cli.output import JSON_OPTION, catalog, emit_json, human_size, parse
 
 def export(
     name: str = typer.Argument(..., metavar="NAME[@N]", help="Artifact to export."),
-    format: str = typer.Option(..., "--format", "-f", help="gguf or a plugin's exporter."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output file (gguf) or folder."),
+    format: str = typer.Option(..., "--format", "-f", metavar="FORMAT", help="gguf or a plugin's exporter."),
+    out: Path = typer.Option(..., "--out", "-o", metavar="PATH", help="Output file (gguf) or folder."),
     quant: str = typer.Option(
-        None, "--quant", help="Tensor type in the export (gguf: f16, bf16, q8_0, q4_0)."
+        None, "--quant", metavar="TYPE", help="Tensor type in the export (gguf: f16, bf16, q8_0, q4_0)."
     ),
-    param: list[str] = typer.Option(None, "--param", help="Another exporter parameter, KEY=VALUE."),
+    param: list[str] = typer.Option(
+        None, "--param", metavar="KEY=VALUE", help="Another exporter parameter, KEY=VALUE."
+    ),
     force: bool = typer.Option(
         False, "--force", help="Replace OUT if it exists, even when it already holds this export."
     ),

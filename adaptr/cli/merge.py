@@ -22,60 +22,95 @@ def _floats(text: str | None) -> list[float] | None:
 
 def merge(
     adapter: list[str] = typer.Option(
-        None, "--adapter", "-a", help="Adapter to merge (NAME[@N]); repeatable."
+        None, "--adapter", "-a", metavar="NAME[@N]", help="Adapter to merge (NAME[@N]); repeatable."
     ),
-    base: str = typer.Option(None, "--base", help="Base model (default: the adapters' base)."),
+    base: str = typer.Option(
+        None, "--base", metavar="NAME[@N]", help="Base model (default: the adapters' base)."
+    ),
     strategy: str = typer.Option(
         None,
         "--strategy",
         "-s",
+        metavar="STRATEGY",
         help="simple, linear, task_arithmetic, ties, dare_linear, dare_ties, "
         "magnitude_prune or a plugin's (default: simple for one adapter).",
     ),
-    weights: str = typer.Option(None, "--weights", help="Comma-separated weights, one per --adapter."),
+    weights: str = typer.Option(
+        None, "--weights", metavar="W1,W2,...", help="Comma-separated weights, one per --adapter."
+    ),
     density: float = typer.Option(
-        None, "--density", help="Fraction kept (ties, dare_*, magnitude_prune; default 0.2)."
+        None, "--density", metavar="FLOAT", help="Fraction kept (ties, dare_*, magnitude_prune; default 0.2)."
     ),
-    lambda_: float = typer.Option(None, "--lambda", help="Scale of the merged delta (default 1.0)."),
+    lambda_: float = typer.Option(
+        None, "--lambda", metavar="FLOAT", help="Scale of the merged delta (default 1.0)."
+    ),
     normalize: bool = typer.Option(None, "--normalize/--no-normalize", help="Divide by the sum of weights."),
-    rescale: str = typer.Option(None, "--rescale", help="DARE rescale: density (default), l1 or none."),
-    seed: int = typer.Option(None, "--seed", help="Seed for random steps (default 0)."),
+    rescale: str = typer.Option(
+        None, "--rescale", metavar="density|l1|none", help="DARE rescale: density (default), l1 or none."
+    ),
+    seed: int = typer.Option(None, "--seed", metavar="INT", help="Seed for random steps (default 0)."),
     dtype: str = typer.Option(
-        None, "--dtype", help="Output dtype: bf16, fp16 or fp32 (default: the base's)."
+        None,
+        "--dtype",
+        metavar="bf16|fp16|fp32",
+        help="Output dtype: bf16, fp16 or fp32 (default: the base's).",
     ),
-    max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest output shard (default 5GB)."),
+    max_shard_size: str = typer.Option(
+        None, "--max-shard-size", metavar="SIZE", help="Largest output shard (default 5GB)."
+    ),
     modules_to_save_from: str = typer.Option(
-        None, "--modules-to-save-from", help="Adapter whose modules_to_save tensors are used."
+        None, "--modules-to-save-from", metavar="NAME", help="Adapter whose modules_to_save tensors are used."
     ),
-    name: str = typer.Option(None, "--name", help="Catalog name of the merged model."),
+    name: str = typer.Option(None, "--name", metavar="NAME", help="Catalog name of the merged model."),
     new_version: bool = typer.Option(None, "--new-version", help="Add a new version when NAME exists."),
     verify: bool = typer.Option(
         None, "--verify", help="Compare logits with base + adapter (needs transformers)."
     ),
     param: list[str] = typer.Option(
-        None, "--param", help="A parameter of a plugin strategy, KEY=VALUE (repeat for several)."
+        None,
+        "--param",
+        metavar="KEY=VALUE",
+        help="A parameter of a plugin strategy, KEY=VALUE (repeat for several).",
     ),
     verify_tolerance: float = typer.Option(
-        None, "--verify-tolerance", help="Largest max |logit difference| --verify accepts (default 0.05)."
+        None,
+        "--verify-tolerance",
+        metavar="FLOAT",
+        help="Largest max |logit difference| --verify accepts (default 0.05).",
     ),
     qlora: str = typer.Option(
-        None, "--qlora", help="Quantizer the adapters were trained on (nf4): merge into its dequantized base."
+        None,
+        "--qlora",
+        metavar="METHOD",
+        help="Quantizer the adapters were trained on (nf4): merge into its dequantized base.",
     ),
     qlora_param: list[str] = typer.Option(
         None,
         "--qlora-param",
+        metavar="KEY=VALUE",
         help="A parameter of the --qlora quantizer, KEY=VALUE (e.g. double_quant=true).",
     ),
     requantize: str = typer.Option(
-        None, "--requantize", help="Quantize the merged result in the same pass (nf4, int8, fp8, ...)."
+        None,
+        "--requantize",
+        metavar="METHOD",
+        help="Quantize the merged result in the same pass (nf4, int8, fp8, ...).",
     ),
     quant_param: list[str] = typer.Option(
-        None, "--quant-param", help="A parameter of the --requantize quantizer, KEY=VALUE."
+        None,
+        "--quant-param",
+        metavar="KEY=VALUE",
+        help="A parameter of the --requantize quantizer, KEY=VALUE.",
     ),
     skip: list[str] = typer.Option(
-        None, "--skip", help="Module left unquantized (repeatable; default: lm_head and the embeddings)."
+        None,
+        "--skip",
+        metavar="MODULE",
+        help="Module left unquantized (repeatable; default: lm_head and the embeddings).",
     ),
-    config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
+    config: Path = typer.Option(
+        None, "--config", metavar="FILE.yaml", help="YAML file with the same keys as these flags."
+    ),
     force: bool = typer.Option(
         False, "--force", help="Recompute (as a new version) even when the same recipe exists."
     ),

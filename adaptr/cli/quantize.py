@@ -11,21 +11,32 @@ from adaptr.cli.output import JSON_OPTION, catalog, emit_json, parse_pairs, repo
 
 def quantize(
     model: str = typer.Argument(None, metavar="MODEL", help="Base or merged model (NAME[@N])."),
-    method: str = typer.Option(None, "--method", "-m", help="nf4, fp4, int8, fp8 or a plugin's quantizer."),
+    method: str = typer.Option(
+        None, "--method", "-m", metavar="METHOD", help="nf4, fp4, int8, fp8 or a plugin's quantizer."
+    ),
     double_quant: bool = typer.Option(
         None, "--double-quant/--no-double-quant", help="Quantize the block scales too (nf4, fp4)."
     ),
     blocksize: int = typer.Option(
-        None, "--blocksize", help="Weights per scale block (nf4, fp4; default 64)."
+        None, "--blocksize", metavar="INT", help="Weights per scale block (nf4, fp4; default 64)."
     ),
     skip: list[str] = typer.Option(
-        None, "--skip", help="Module left unquantized (repeatable; default: lm_head and the embeddings)."
+        None,
+        "--skip",
+        metavar="MODULE",
+        help="Module left unquantized (repeatable; default: lm_head and the embeddings).",
     ),
-    param: list[str] = typer.Option(None, "--param", help="Another quantizer parameter, KEY=VALUE."),
-    name: str = typer.Option(None, "--name", help="Catalog name of the quantized model."),
+    param: list[str] = typer.Option(
+        None, "--param", metavar="KEY=VALUE", help="Another quantizer parameter, KEY=VALUE."
+    ),
+    name: str = typer.Option(None, "--name", metavar="NAME", help="Catalog name of the quantized model."),
     new_version: bool = typer.Option(None, "--new-version", help="Add a new version when NAME exists."),
-    max_shard_size: str = typer.Option(None, "--max-shard-size", help="Largest output shard (default 5GB)."),
-    config: Path = typer.Option(None, "--config", help="YAML file with the same keys as these flags."),
+    max_shard_size: str = typer.Option(
+        None, "--max-shard-size", metavar="SIZE", help="Largest output shard (default 5GB)."
+    ),
+    config: Path = typer.Option(
+        None, "--config", metavar="FILE.yaml", help="YAML file with the same keys as these flags."
+    ),
     force: bool = typer.Option(
         False, "--force", help="Recompute (as a new version) even when the same recipe exists."
     ),
