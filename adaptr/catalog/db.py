@@ -89,6 +89,7 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     from alembic import command
 
     url = url or get_settings().database_url
+    _CURRENT.discard(url)
     engine = get_engine(url)
     cfg = alembic_config(url)
     with engine.begin() as conn:
@@ -97,18 +98,25 @@ def upgrade(url: str | None = None, revision: str = "head") -> str | None:
     return current_revision(engine)
 
 
+_CURRENT: set[str] = set()  # URLs this process found at SCHEMA_REVISION: checked once, not per session
+
+
 def ensure_schema(url: str | None = None) -> Engine:
     """Return an engine whose schema is current, upgrading a local SQLite file if needed."""
     url = url or get_settings().database_url
     engine = get_engine(url)
+    if url in _CURRENT:
+        return engine
     try:
         rev = current_revision(engine)
     except Exception as e:  # unreachable server, bad URL
         raise OperationError(f"cannot open the catalog database {_safe(url)}: {e}") from e
     if rev == SCHEMA_REVISION:
+        _CURRENT.add(url)
         return engine
     if url.startswith("sqlite"):
         upgrade(url)
+        _CURRENT.add(url)
         return engine
     raise SchemaOutdatedError(
         f"catalog database {_safe(url)} is at schema revision {rev or 'none'}, this adaptr needs "

@@ -133,7 +133,7 @@ def query(
         more = len(rows) > limit
         rows = rows[:limit]
         return {
-            "items": [catalog.to_json(s, a, files=False) for a in rows],
+            "items": catalog.to_json_many(s, rows),
             "next_cursor": _encode(sort, order, rows[-1]) if more and rows else None,
         }
 
