@@ -256,6 +256,7 @@ class JobRunner:
     def _run(self, job_id: str, fn: Callable[[Any], dict[str, Any]], progress: JobProgress) -> None:
         from adaptr.services.catalog import Catalog
 
+        _lower_priority()
         try:
             if progress.cancelled.is_set():
                 _update(job_id, state="cancelled", finished_at=datetime.now(UTC))
@@ -334,3 +335,13 @@ class JobRunner:
         if done is not None:
             done.wait(wait)
         return self.get(job_id)
+
+
+def _lower_priority() -> None:
+    """Run job threads (and the merge workers, writer and hasher threads they start, which inherit
+    it) at a lower CPU priority than the event loop: catalog reads stay fast while a merge saturates
+    the cores. Linux nice values are per thread; elsewhere this is a no-op."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except (AttributeError, OSError):
+        pass
