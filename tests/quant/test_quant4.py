@@ -53,7 +53,7 @@ def test_bytes_and_dequantize_equal_bitsandbytes(dtype, quant_type, double_quant
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_large_tensor_both_thread_paths(threads: int) -> None:
-    """Big enough for whole chunks (and the thread pool when torch may use two threads)."""
+    """Big enough for several whole chunks at either chunk size (one torch thread, or two)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
