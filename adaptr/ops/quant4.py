@@ -186,6 +186,8 @@ class _Scratch:
         self.words = self.q8.view(torch.int32)
         self.w = torch.empty(size // 4, dtype=torch.int32)
         self.w16 = self.w.view(torch.int16)
+        self.h_blocks = torch.empty(size, dtype=torch.int16).view(-1, blocksize)
+        self.h_max = torch.empty(size // blocksize, dtype=torch.int16)
         self.carry = _carry_table(quant_type)
         self.remap = _code_of_sorted(quant_type) if quant_type != "nf4" else None
 
@@ -195,6 +197,7 @@ _S31 = torch.tensor(31, dtype=torch.int32)
 _SH = torch.tensor(_SHIFT, dtype=torch.int32)
 _S4 = torch.tensor(4, dtype=torch.int32)
 _S8 = torch.tensor(8, dtype=torch.int32)
+_NOSIGN16 = torch.tensor(0x7FFF, dtype=torch.int16)
 
 
 def _codes_(s: Tensor, cell: Tensor, g: Tensor, carry: Tensor, remap: Tensor | None) -> Tensor:
@@ -231,9 +234,15 @@ def _pack_(q: Tensor, q8: Tensor, words: Tensor, w: Tensor, w16: Tensor, out: Te
 
 def _chunk(x: Tensor, absmax: Tensor, out: Tensor, sc: _Scratch) -> None:
     """Quantize one full chunk ``x`` into its ``absmax`` and ``out`` slices."""
-    sc.f.copy_(x)
-    torch.abs(sc.blocks, out=sc.abs_blocks)
-    torch.amax(sc.abs_blocks, 1, out=absmax)
+    if x.dtype == torch.float32:
+        sc.f.copy_(x)
+        torch.abs(sc.blocks, out=sc.abs_blocks)
+        torch.amax(sc.abs_blocks, 1, out=absmax)
+    else:  # 16-bit floats: the largest magnitude is the largest sign-less bit pattern, at half the bytes
+        torch.bitwise_and(x.view(torch.int16).view(sc.h_blocks.shape), _NOSIGN16, out=sc.h_blocks)
+        torch.amax(sc.h_blocks, 1, out=sc.h_max)
+        absmax.copy_(sc.h_max.view(x.dtype))
+        sc.f.copy_(x)
     torch.clamp_min(absmax, _TINY, out=sc.inv)
     torch.reciprocal(sc.inv, out=sc.inv)
     sc.blocks.mul_(sc.inv_col)
