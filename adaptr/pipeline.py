@@ -159,7 +159,9 @@ def load(path: str | Path, *, force: bool = False) -> Pipeline:
         problem = check(spec, force=force) if check is not None else None
         if problem:
             key = next((k for k in ("out", "input") if k in body), None)
-            raise pipe.error(step.line_of(key) if key else step.line, step.where(*([key] if key else [])), problem)
+            raise pipe.error(
+                step.line_of(key) if key else step.line, step.where(*([key] if key else [])), problem
+            )
         pipe.steps.append(step)
     return pipe
 
