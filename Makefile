@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format docs bench clean
+.PHONY: demo test lint format docs bench bench-quantize bench-api clean
 
 $(STAMP): pyproject.toml docs/plugins/example/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ docs: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_merge.py
+
+bench-quantize: $(STAMP)
+	$(PY) benchmarks/bench_quantize.py
+
+bench-api: $(STAMP)
+	$(PY) benchmarks/bench_api.py
 
 clean:
 	rm -rf .demo build dist

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_merge import SHAPES, machine  # noqa: E402
+from report import write_section  # noqa: E402
 
-START, END = "<!-- quantize:start -->", "<!-- quantize:end -->"
 SKIP = ("embed_tokens", "lm_head")
 
 # (key, method, implementation, torch threads, label). Everything runs single-threaded, as the
@@ -253,17 +253,6 @@ def table(results: dict, info: dict, shape: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, text: str) -> None:
-    doc = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = f"{START}\n{text}\n{END}"
-    if START in doc and END in doc:
-        head, rest = doc.split(START, 1)
-        doc = head + section + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(doc)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default=str(ROOT / ".bench"))
@@ -297,7 +286,7 @@ def main() -> None:
     (work / "quantize-results.json").write_text(
         json.dumps({k: {x: y for x, y in v.items() if x != "digests"} for k, v in results.items()}, indent=2)
     )
-    write_section(Path(args.out), text)
+    write_section(Path(args.out), "quantize", text)
 
 
 if __name__ == "__main__":
