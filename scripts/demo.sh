@@ -53,3 +53,27 @@ adaptr run "$ROOT/.demo/pipeline.yaml"
 adaptr verify-export "$ROOT/.demo/dist/demo-ties-hf"
 echo "==> the export's manifest (first lines)"
 head -n 20 "$ROOT/.demo/dist/demo-ties-hf/adaptr-manifest.json"
+
+echo "==> the REST API: adaptr serve for a moment, a read token, the catalog through HTTP"
+PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+TOKEN="$(adaptr token create --scope read --expires 1h --name demo --json | python -c 'import json, sys; print(json.load(sys.stdin)["token"])')"
+adaptr serve --port "$PORT" --log-level warning &
+SERVER=$!
+trap 'kill "$SERVER" 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+  python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$PORT/v1/healthz')" 2>/dev/null && break
+  sleep 0.2
+done
+python - "$PORT" "$TOKEN" <<'PY'
+import json, sys, urllib.request
+
+port, token = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(
+    f"http://127.0.0.1:{port}/v1/artifacts?kind=merged", headers={"Authorization": f"Bearer {token}"}
+)
+body = json.load(urllib.request.urlopen(req))
+for a in body["items"]:
+    print(f"GET /v1/artifacts?kind=merged -> {a['ref']} {a['content_hash'][:12]} ({a['size_bytes']} bytes)")
+PY
+kill "$SERVER" && wait "$SERVER" 2>/dev/null || true
+trap - EXIT
