@@ -34,7 +34,7 @@ def _refs(c) -> list[str]:
     return sorted(a["ref"] for a in c.get("/artifacts").json()["items"])
 
 
-def test_auth_matrix(server, demo_set) -> None:
+def test_auth_matrix(server, demo_set, backend) -> None:
     server.start()
     admin = server.client(token("admin"))
     register_demo(admin, demo_set)
@@ -73,7 +73,7 @@ def test_open_reads_setting(server, demo_set) -> None:
     assert server.client().post("/merges", json={"adapters": ["x"], "name": "y"}).status_code == 401
 
 
-def test_paths_and_uploads_are_confined(server, demo_set, tmp_path) -> None:
+def test_paths_and_uploads_are_confined(server, demo_set, tmp_path, backend) -> None:
     server.start(ADAPTR_MAX_UPLOAD_BYTES="200000")
     c = server.client(token("admin"))
     register_demo(c, demo_set)

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from api.helpers import register_demo, token, wait_job
 
 MERGE = {"adapters": ["chat-r4", "code-r8"], "strategy": "ties", "density": 0.5, "name": "m-ties"}
@@ -64,7 +63,7 @@ def test_full_flow_matches_the_cli(server, demo_set, backend) -> None:
     assert made["ref"] == "m-ties@2" and made["content_hash"] == art["content_hash"]
 
 
-def test_catalog_queries_filter_sort_and_page(server, demo_set) -> None:
+def test_catalog_queries_filter_sort_and_page(server, demo_set, backend) -> None:
     server.start()
     c = server.client(token("write"))
     register_demo(c, demo_set)
@@ -112,8 +111,7 @@ def test_catalog_queries_filter_sort_and_page(server, demo_set) -> None:
     assert any("strategy" in p["registers"] for p in plugins)
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-def test_quantize_export_and_run_jobs(server, demo_set, tmp_path) -> None:
+def test_quantize_export_and_run_jobs(server, demo_set, tmp_path, backend) -> None:
     server.start()
     c = server.client(token("write"))
     register_demo(c, demo_set)

@@ -25,7 +25,7 @@ def _leftovers(server) -> list:
     return list(tmp.iterdir()) if tmp.exists() else []
 
 
-def test_cancel_and_queue(server, demo_set) -> None:
+def test_cancel_and_queue(server, demo_set, backend) -> None:
     server.start(slow=True, ADAPTR_TEST_JOB_DELAY="0.1")
     c = server.client(token("write"))
     register_demo(c, demo_set)
@@ -44,7 +44,7 @@ def test_cancel_and_queue(server, demo_set) -> None:
     assert [j["state"] for j in c.get("/jobs").json()] == ["cancelled", "cancelled"]
 
 
-def test_kill_during_merge_then_restart(server, demo_set) -> None:
+def test_kill_during_merge_then_restart(server, demo_set, backend) -> None:
     server.start(slow=True, ADAPTR_TEST_JOB_DELAY="0.3")
     c = server.client(token("write"))
     register_demo(c, demo_set)
