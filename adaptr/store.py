@@ -64,14 +64,20 @@ def hash_folder(
     ]
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process still runs. A zombie (killed, not yet reaped: a killed job's child whose
+    new parent is slow to reap) does not: its files are leftovers."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 def tree_size(path: Path) -> int:
@@ -268,7 +274,7 @@ class Store:
         out = []
         for p in sorted(self.tmp.iterdir()):
             pid = p.name.split("-", 1)[0]
-            if not pid.isdigit() or not _alive(int(pid)):
+            if not pid.isdigit() or not pid_alive(int(pid)):
                 out.append(p)
         return out
 

@@ -36,24 +36,6 @@ echo "==> lineage"
 if have demo-ties; then adaptr lineage demo-ties; else adaptr lineage tiny-llama; fi
 adaptr verify
 
-echo "==> the same as a pipeline, as CI runs it (every step is reused), plus a Hugging Face export"
-cat > "$ROOT/.demo/pipeline.yaml" <<'YAML'
-version: 1
-steps:
-  - id: merged
-    merge: {base: tiny-llama, adapters: [chat-r4, code-r8, math-r16-rslora], strategy: ties, density: 0.5, name: demo-ties}
-  - id: nf4
-    quantize: {input: merged, method: nf4, double_quant: true, name: demo-ties-nf4}
-  - id: gguf
-    export: {input: merged, format: gguf, quant: q8_0, out: dist/demo-ties-q8_0.gguf}
-  - id: publish
-    export: {input: merged, format: hf, out: dist/demo-ties-hf}
-YAML
-adaptr run "$ROOT/.demo/pipeline.yaml"
-adaptr verify-export "$ROOT/.demo/dist/demo-ties-hf"
-echo "==> the export's manifest (first lines)"
-head -n 20 "$ROOT/.demo/dist/demo-ties-hf/adaptr-manifest.json"
-
 echo "==> the REST API: adaptr serve for a moment, a read token, the catalog through HTTP"
 PORT="$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 TOKEN="$(adaptr token create --scope read --expires 1h --name demo --json | python -c 'import json, sys; print(json.load(sys.stdin)["token"])')"
@@ -77,3 +59,21 @@ for a in body["items"]:
 PY
 kill "$SERVER" && wait "$SERVER" 2>/dev/null || true
 trap - EXIT
+
+echo "==> the same as a pipeline, as CI runs it (every step is reused), plus a Hugging Face export"
+cat > "$ROOT/.demo/pipeline.yaml" <<'YAML'
+version: 1
+steps:
+  - id: merged
+    merge: {base: tiny-llama, adapters: [chat-r4, code-r8, math-r16-rslora], strategy: ties, density: 0.5, name: demo-ties}
+  - id: nf4
+    quantize: {input: merged, method: nf4, double_quant: true, name: demo-ties-nf4}
+  - id: gguf
+    export: {input: merged, format: gguf, quant: q8_0, out: dist/demo-ties-q8_0.gguf}
+  - id: publish
+    export: {input: merged, format: hf, out: dist/demo-ties-hf}
+YAML
+adaptr run "$ROOT/.demo/pipeline.yaml"
+adaptr verify-export "$ROOT/.demo/dist/demo-ties-hf"
+echo "==> the export's manifest (first lines)"
+head -n 20 "$ROOT/.demo/dist/demo-ties-hf/adaptr-manifest.json"

@@ -21,7 +21,8 @@ def example(name: str) -> str:
     return m.group(1)
 
 
-def test_example_pipeline_runs_and_reruns_for_free(cli, demo_set, tmp_path):
+def test_example_pipeline_runs_and_reruns_for_free(cli, demo_set, tmp_path, backend):
+    """On SQLite and on PostgreSQL (the ``backend`` fixture parametrizes both)."""
     ok_json(cli, "base", "add", demo_set["base"], "--name", "llama-base")
     for name, folder in zip(("sql", "chat", "math"), demo_set["adapters"].values()):
         ok_json(cli, "adapter", "add", folder, "--base", "llama-base", "--name", name)
