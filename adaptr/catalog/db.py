@@ -49,17 +49,8 @@ def _driver_url(url: str) -> str:
     return url
 
 
-_ENGINES: dict[str, Engine] = {}
-
-
 @lru_cache(maxsize=8)
 def _engine(url: str) -> Engine:
-    eng = _make_engine(url)
-    _ENGINES[url] = eng
-    return eng
-
-
-def _make_engine(url: str) -> Engine:
     url = _driver_url(url)
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
@@ -73,14 +64,6 @@ def _make_engine(url: str) -> Engine:
 
 def get_engine(url: str | None = None) -> Engine:
     return _engine(url or get_settings().database_url)
-
-
-def after_fork() -> None:
-    """In a forked child: leave the parent's pooled connections to the parent (closing them here
-    would end the parent's sessions too) and open fresh ones on first use."""
-    for url in list(_ENGINES):
-        _ENGINES.pop(url).dispose(close=False)
-    _engine.cache_clear()
 
 
 def alembic_config(url: str):

@@ -1,4 +1,4 @@
-"""Long operations as jobs: stored in the catalog, run in child processes watched by a bounded pool.
+"""Long operations as jobs: stored in the catalog, run by a bounded pool of worker threads.
 
 A front end (the REST API) submits a function of a ``Catalog``; the runner records the job,
 queues it, runs at most ``workers`` at once off the caller's thread, and reports progress from
@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
 import socket
 import threading
 import time
@@ -154,10 +153,6 @@ class JobRunner:
         self._live: dict[str, JobProgress] = {}
         self._done: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        if _can_fork():
-            # Loaded once here, so each job's forked child starts computing at once instead of
-            # importing torch; the server itself never runs a tensor op (no thread pool to fork).
-            import adaptr.engine  # noqa: F401
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -250,51 +245,40 @@ class JobRunner:
         return out
 
     def _run(self, job_id: str, fn: Callable[[Any], dict[str, Any]], progress: JobProgress) -> None:
-        """Run one job in a forked child process, so its tensor work never competes with the
-        server's event loop for the interpreter lock; this thread only watches it."""
+        from adaptr.services.catalog import Catalog
+
+        _lower_priority()
         try:
             if progress.cancelled.is_set():
                 _update(job_id, state="cancelled", finished_at=datetime.now(UTC))
                 return
-            if not _can_fork():
-                _execute(job_id, fn, progress)
+            _update(job_id, state="running", started_at=datetime.now(UTC))
+            try:
+                result = fn(Catalog(progress=progress))
+            except JobCancelled:
+                _update(job_id, state="cancelled", finished_at=datetime.now(UTC), progress=progress.state)
+                log.info("job %s cancelled", job_id)
                 return
-            import multiprocessing
-
-            progress.remote = True
-            child = multiprocessing.get_context("fork").Process(
-                target=_child, args=(job_id, fn), name=f"adaptr-job-{job_id[:8]}", daemon=True
-            )
-            child.start()
-            signalled = 0.0
-            while child.is_alive():
-                if progress.cancelled.is_set() and not signalled:
-                    os.kill(child.pid, signal.SIGTERM)  # the child cancels at its next progress callback
-                    signalled = time.monotonic()
-                elif signalled and time.monotonic() - signalled > _KILL_AFTER:
-                    child.kill()
-                child.join(0.1)
-            with session_scope() as s:
-                job = s.get(Job, job_id)
-                state = job.state if job is not None else None
-            if state in ACTIVE:  # the child died before it could say how it ended
-                cancelled = progress.cancelled.is_set()
+            except BaseException as e:
+                if not isinstance(e, AdaptrError | OSError):
+                    log.exception("job %s failed", job_id)
                 _update(
                     job_id,
-                    state="cancelled" if cancelled else "failed",
+                    state="failed",
+                    error=error_body(e),
                     finished_at=datetime.now(UTC),
-                    error=None
-                    if cancelled
-                    else {
-                        "code": "operation_failed",
-                        "message": f"the job's process ended with exit code {child.exitcode}; nothing was "
-                        "registered",
-                        "hint": "see the server log",
-                    },
+                    progress=progress.state,
                 )
-                from adaptr.services.catalog import Catalog
-
-                Catalog().gc()
+                if not isinstance(e, Exception):
+                    raise
+                return
+            _update(
+                job_id,
+                state="succeeded",
+                result=result,
+                finished_at=datetime.now(UTC),
+                progress=progress.state,
+            )
         finally:
             with self._lock:
                 self._live.pop(job_id, None)
@@ -309,7 +293,7 @@ class JobRunner:
                 raise NotFoundError(f"job {job_id!r} does not exist; see GET /v1/jobs")
             out = view(job)
         live = self._live.get(job_id)
-        if live is not None and out["state"] == "running" and not getattr(live, "remote", False):
+        if live is not None and out["state"] == "running":
             out["progress"] = dict(live.state)  # fresher than the last flush
         return out
 
@@ -342,71 +326,6 @@ class JobRunner:
         if done is not None:
             done.wait(wait)
         return self.get(job_id)
-
-
-_KILL_AFTER = 30.0  # seconds a cancelled child may take to clean up before it is killed
-
-
-def _can_fork() -> bool:
-    import multiprocessing
-
-    return "fork" in multiprocessing.get_all_start_methods()
-
-
-def _child(job_id: str, fn: Callable[[Any], dict[str, Any]]) -> None:
-    """The job's own process: fresh database connections, dies with the server, SIGTERM cancels."""
-    from adaptr.catalog import db
-
-    db.after_fork()
-    _die_with_parent()
-    _lower_priority()
-    progress = JobProgress(job_id)
-    signal.signal(signal.SIGTERM, lambda *_: progress.cancelled.set())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's; it cancels jobs itself
-    _execute(job_id, fn, progress)
-
-
-def _execute(job_id: str, fn: Callable[[Any], dict[str, Any]], progress: JobProgress) -> None:
-    """Run ``fn`` and record how it ended: succeeded with its result, failed, or cancelled."""
-    from adaptr.services.catalog import Catalog
-
-    _update(job_id, state="running", started_at=datetime.now(UTC))
-    try:
-        result = fn(Catalog(progress=progress))
-    except JobCancelled:
-        _update(job_id, state="cancelled", finished_at=datetime.now(UTC), progress=progress.state)
-        log.info("job %s cancelled", job_id)
-        return
-    except BaseException as e:
-        if not isinstance(e, AdaptrError | OSError):
-            log.exception("job %s failed", job_id)
-        _update(
-            job_id,
-            state="failed",
-            error=error_body(e),
-            finished_at=datetime.now(UTC),
-            progress=progress.state,
-        )
-        if not isinstance(e, Exception):
-            raise
-        return
-    _update(job_id, state="succeeded", result=result, finished_at=datetime.now(UTC), progress=progress.state)
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGKILL this process when the server dies (kill -9 included), so no orphan job
-    registers anything after its server is gone."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        if name:
-            ctypes.CDLL(name).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 def _lower_priority() -> None:
