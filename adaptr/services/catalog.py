@@ -120,6 +120,21 @@ class Catalog:
         ).all()
         return next((a for a in rows if a.name == name), rows[0] if rows else None)
 
+    def adopt(
+        self,
+        existing: Artifact,
+        *,
+        name: str,
+        new_version: bool,
+        parents: Sequence[Parent],
+        operation: str,
+    ) -> dict[str, Any]:
+        """A request whose recipe ``existing`` already computed: that artifact when it has the
+        requested name, else a new one under ``name`` that links its files (``reuse``)."""
+        if existing.name == name:
+            return self.show(_ref(existing))
+        return self.reuse(existing, name=name, new_version=new_version, parents=parents, operation=operation)
+
     def reuse(
         self,
         existing: Artifact,

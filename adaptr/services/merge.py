@@ -244,13 +244,7 @@ def merge(
         ):
             existing = None  # a failed check, or one never made to this tolerance: compute it
         if existing is not None and not dry_run:
-            if existing.name == spec.name:
-                return {
-                    **catalog.show(f"{existing.name}@{existing.version}"),
-                    "reused": True,
-                    **_took(started),
-                }
-            art = catalog.reuse(
+            art = catalog.adopt(
                 existing, name=spec.name, new_version=new_version, parents=parents, operation="merge"
             )
             return {**art, "reused": True, **_took(started)}

@@ -141,13 +141,10 @@ def quantize(
         with catalog.session() as s:
             existing = catalog.find_recipe(s, recipe, spec.name)
         if existing is not None and not dry_run:
-            took = {"seconds": round(time.perf_counter() - started, 3)}
-            if existing.name == spec.name:
-                return {**catalog.show(f"{existing.name}@{existing.version}"), "reused": True, **took}
-            art = catalog.reuse(
+            art = catalog.adopt(
                 existing, name=spec.name, new_version=new_version, parents=[parent], operation="quantize"
             )
-            return {**art, "reused": True, **took}
+            return {**art, "reused": True, "seconds": round(time.perf_counter() - started, 3)}
     if dry_run:
         return dry_run_result(catalog, existing, recipe, spec.name, "quantized", new_version)
     with catalog.session() as s:  # fail on a taken name before reading a tensor
