@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaptr.cli.output import JSON_OPTION, catalog, emit_json, human_size, parse_pairs
+from adaptr.cli.output import JSON_OPTION, build_spec, catalog, emit_json, human_size
 
 
 def export(
@@ -29,13 +29,10 @@ def export(
     An OUT that already holds this very export (its manifest matches) is reused: nothing is written.
     """
     from adaptr.services.export import export as run_export
-    from adaptr.specs import ExportSpec, validate_spec
+    from adaptr.specs import ExportSpec
 
-    data = {"input": name, "format": format, "out": out, "quant": quant, "force": force}
-    data = {k: v for k, v in data.items() if v is not None}
-    if param:
-        data["params"] = parse_pairs(param)
-    spec = validate_spec(ExportSpec, data, source="export options")
+    flags = {"input": name, "format": format, "out": out, "quant": quant, "force": force}
+    spec = build_spec(ExportSpec, flags, pairs=(("params", param, "--param"),), what="export options")
     result = run_export(spec, catalog=catalog())
     if json:
         emit_json(result)

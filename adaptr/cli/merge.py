@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaptr.cli.output import JSON_OPTION, catalog, emit_json, parse_pairs, report_lines
+from adaptr.cli.output import JSON_OPTION, build_spec, catalog, emit_json, report_lines
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -118,9 +118,8 @@ def merge(
 ) -> None:
     """Merge adapters into their base and record the result with its lineage."""
     from adaptr.services.merge import merge as run_merge
-    from adaptr.specs import MergeSpec, load_yaml, validate_spec
+    from adaptr.specs import MergeSpec
 
-    data = load_yaml(config) if config else {}
     flags = {
         "adapters": adapter or None,
         "base": base,
@@ -142,18 +141,12 @@ def merge(
         "requantize": requantize,
         "skip": skip or None,
     }
-    data.update({k: v for k, v in flags.items() if v is not None})
-    if param:
-        given = data.get("params") if isinstance(data.get("params"), dict) else {}
-        data["params"] = {**given, **parse_pairs(param)}
-    for key, items, flag in (
+    pairs = (
+        ("params", param, "--param"),
         ("qlora_params", qlora_param, "--qlora-param"),
         ("quant_params", quant_param, "--quant-param"),
-    ):
-        if items:
-            given = data.get(key) if isinstance(data.get(key), dict) else {}
-            data[key] = {**given, **parse_pairs(items, flag)}
-    spec = validate_spec(MergeSpec, data, source=str(config) if config else "merge options")
+    )
+    spec = build_spec(MergeSpec, flags, config=config, pairs=pairs, what="merge options")
     art = run_merge(spec, catalog=catalog(), force=force)
     if json:
         emit_json(art)

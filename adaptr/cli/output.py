@@ -25,6 +25,27 @@ def parse_pairs(items: list[str], flag: str = "--param") -> dict[str, str]:
     return out
 
 
+def build_spec(
+    cls: Any,
+    flags: dict[str, Any],
+    *,
+    config: Any = None,
+    pairs: tuple[tuple[str, list[str] | None, str], ...] = (),
+    what: str = "options",
+) -> Any:
+    """A command's spec: its YAML file (if any) overlaid by the flags given; repeated
+    ``KEY=VALUE`` flags merge into their dict fields (``pairs``: field, values, flag name)."""
+    from adaptr.specs import load_yaml, validate_spec
+
+    data = load_yaml(config) if config else {}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    for key, items, flag in pairs:
+        if items:
+            given = data.get(key) if isinstance(data.get(key), dict) else {}
+            data[key] = {**given, **parse_pairs(items, flag)}
+    return validate_spec(cls, data, source=str(config) if config else what)
+
+
 def emit_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, sort_keys=False, default=str))
 

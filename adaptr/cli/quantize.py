@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaptr.cli.output import JSON_OPTION, catalog, emit_json, parse_pairs, report_lines
+from adaptr.cli.output import JSON_OPTION, build_spec, catalog, emit_json, report_lines
 
 
 def quantize(
@@ -44,9 +44,8 @@ def quantize(
 ) -> None:
     """Quantize a model for serving and record it with its per-tensor error report."""
     from adaptr.services.quantize import quantize as run_quantize
-    from adaptr.specs import QuantizeSpec, load_yaml, validate_spec
+    from adaptr.specs import QuantizeSpec
 
-    data = load_yaml(config) if config else {}
     flags = {
         "input": model,
         "method": method,
@@ -57,11 +56,8 @@ def quantize(
         "new_version": new_version,
         "max_shard_size": max_shard_size,
     }
-    data.update({k: v for k, v in flags.items() if v is not None})
-    if param:
-        given = data.get("params") if isinstance(data.get("params"), dict) else {}
-        data["params"] = {**given, **parse_pairs(param)}
-    spec = validate_spec(QuantizeSpec, data, source=str(config) if config else "quantize options")
+    pairs = (("params", param, "--param"),)
+    spec = build_spec(QuantizeSpec, flags, config=config, pairs=pairs, what="quantize options")
     art = run_quantize(spec, catalog=catalog(), force=force)
     if json:
         emit_json(art)
