@@ -169,29 +169,11 @@ def run(base: Path, key: str, work: Path) -> dict:
     label = next(c[4] for c in CONTENDERS if c[0] == key)
     print(f"==> {label}", flush=True)
     out = work / f"{key}.json"
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker", key, "--base", str(base), "--result", str(out)],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    peak, stop = [0], threading.Event()
-
-    def sample() -> None:
-        while not stop.is_set():
-            peak[0] = max(peak[0], _anon(proc.pid))
-            stop.wait(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    _, err = proc.communicate()
-    stop.set()
-    th.join()
-    if proc.returncode:
-        raise SystemExit(f"{label} failed:\n{err[-3000:]}")
+    cmd = [sys.executable, __file__, "--worker", key, "--base", str(base), "--result", str(out)]
+    wall, peak, _ = _sampled(cmd, os.environ.copy())
     res = json.loads(out.read_text())
-    res.update(label=label, peak_anon=peak[0], wall_s=time.perf_counter() - t0)
-    print(f"    {res['bytes'] / res['seconds'] / 1e9:.3f} GB/s, peak anon {peak[0] / 1e9:.2f} GB", flush=True)
+    res.update(label=label, peak_anon=peak, wall_s=wall)
+    print(f"    {res['bytes'] / res['seconds'] / 1e9:.3f} GB/s, peak anon {peak / 1e9:.2f} GB", flush=True)
     return res
 
 
