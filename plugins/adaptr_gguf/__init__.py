@@ -6,6 +6,8 @@ Registered through the ``adaptr`` entry-point group like any third-party plugin.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from adaptr import hookimpl
 from adaptr.interfaces import AdapterManifest, ExportRequest, ParamDef
 
@@ -26,17 +28,23 @@ class GgufExporter:
     params = (QUANT,)
 
     def export(self, request: ExportRequest) -> list[str]:
-        from .tensors import quant_types
+        from .tensors import quant_types, write_gguf
 
         quant = str(request.options.get("quant", QUANT.default)).lower()
         quant_types(quant)  # refuses unknown names before anything is read
         if isinstance(request.manifest, AdapterManifest):
-            from .lora import export_adapter
-
-            return export_adapter(request, quant)
-        from .model import export_model
-
-        return export_model(request, quant)
+            from .lora import plan_adapter as plan
+        else:
+            from .model import plan_model as plan
+        arch, kv, planned, reader = plan(request, quant)  # refusals happen here, before writing
+        out = Path(request.dest) / request.filename
+        try:
+            with reader:
+                write_gguf(out, arch, kv, planned, request.progress)
+        except BaseException:
+            out.unlink(missing_ok=True)
+            raise
+        return [request.filename]
 
 
 @hookimpl

@@ -17,7 +17,7 @@ from adaptr.interfaces import AdapterManifest, ExportRequest
 
 from .arch import arch_name, family_of, heads, load_config, tensor_name
 from .model import display_name
-from .tensors import Planned, choose_type, qk_permutation, write_gguf
+from .tensors import Planned, choose_type, qk_permutation
 
 # Adapter features llama.cpp's LoRA loader has no place for.
 _REFUSED_FLAGS = {
@@ -79,8 +79,9 @@ def plan_adapter(request: ExportRequest, quant: str) -> tuple[str, Any, list[Pla
     tied = bool(config.get("tie_word_embeddings", "lm_head.weight" not in base_shapes))  # as the model export
     tmap = gguf.get_tensor_name_map(family.arch, int(config["num_hidden_layers"]))
     alpha = float(man.lora_alpha)
-    reader = open_weights(Path(request.source) / man.weights_file).reader()
-    sizes = {k: t.nbytes for k, t in open_weights(Path(request.source) / man.weights_file).tensors.items()}
+    weights = open_weights(Path(request.source) / man.weights_file)  # the header is read once
+    reader = weights.reader()
+    sizes = {k: t.nbytes for k, t in weights.tensors.items()}
 
     planned: list[Planned] = []
     for module in sorted(man.modules.values(), key=lambda m: _order(m.module)):
@@ -155,15 +156,3 @@ def plan_adapter(request: ExportRequest, quant: str) -> tuple[str, Any, list[Pla
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     return arch_name(family), kv, planned, reader
-
-
-def export_adapter(request: ExportRequest, quant: str) -> list[str]:
-    arch, kv, planned, reader = plan_adapter(request, quant)
-    out = Path(request.dest) / request.filename
-    try:
-        with reader:
-            write_gguf(out, arch, kv, planned, request.progress)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    return [request.filename]

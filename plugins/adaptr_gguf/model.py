@@ -20,7 +20,7 @@ from .arch import (
     tensor_name,
     write_model_kv,
 )
-from .tensors import Planned, choose_type, qk_permutation, quant_types, write_gguf
+from .tensors import Planned, choose_type, qk_permutation, quant_types
 from .vocab import read_vocab
 
 _SKIP = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
@@ -106,15 +106,3 @@ def plan_model(request: ExportRequest, quant: str) -> tuple[str, Any, list[Plann
             vocab.write(writer)
 
     return arch_name(family), kv, planned, reader
-
-
-def export_model(request: ExportRequest, quant: str) -> list[str]:
-    arch, kv, planned, reader = plan_model(request, quant)
-    out = Path(request.dest) / request.filename
-    try:
-        with reader:
-            write_gguf(out, arch, kv, planned, request.progress)
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    return [request.filename]
