@@ -106,23 +106,9 @@ def logit_check(
         raise InvalidInputError(
             "--verify compares against one unmerged adapter; merge a single adapter to use it"
         )
-    try:
-        import torch
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise InvalidInputError(
-            "--verify needs transformers and peft: pip install 'adaptr[verify]'"
-        ) from None
-
-    import logging
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("peft").setLevel(logging.ERROR)
+    torch, PeftModel, AutoModelForCausalLM = _quiet_imports()
     gen = torch.Generator().manual_seed(PROBE_SEED)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
