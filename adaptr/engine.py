@@ -25,7 +25,7 @@ import torch
 from adaptr.errors import InvalidInputError, OperationError
 from adaptr.interfaces import MergeStrategy
 from adaptr.ops.merge_tensor import DenseDelta, LoraFactors, TensorMergeOp, merge_tensor
-from adaptr.ops.reference import tensor_seed
+from adaptr.ops.random_drop import tensor_seed
 from adaptr.ops.workspace import Workspace
 from adaptr.plan import (  # noqa: F401  (planning lives beside; the engine is its one consumer)
     _CODE_BYTES,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from adaptr.ops.reference import delta_block_rows, lora_delta, lora_delta_rows
+from adaptr.ops.lora_delta import delta_block_rows, lora_delta, lora_delta_rows
 
 if TYPE_CHECKING:
     from adaptr.interfaces import MergeStrategy

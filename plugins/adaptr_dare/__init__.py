@@ -19,7 +19,7 @@ _RESCALES = {"density": "density", "l1": "l1", "none": None}
 
 def _drop(deltas, params, seeds):
     from adaptr.errors import InvalidInputError
-    from adaptr.ops.reference import random_drop
+    from adaptr.ops.random_drop import random_drop
 
     if params["rescale"] not in _RESCALES:
         raise InvalidInputError(f"rescale must be one of density, l1, none; got {params['rescale']!r}")
@@ -39,7 +39,7 @@ class DareLinear:
     max_adapters = None
 
     def merge(self, deltas, weights, params, *, seeds):
-        from adaptr.ops.reference import weighted_sum
+        from adaptr.ops.weighted_sum import weighted_sum
 
         out = weighted_sum(_drop(deltas, params, seeds), weights, normalize=bool(params["normalize"]))
         return out if params["lambda"] == 1.0 else out.mul_(params["lambda"])
@@ -57,12 +57,12 @@ class DareTies:
     max_adapters = None
 
     def merge(self, deltas, weights, params, *, seeds):
-        from adaptr.ops.reference import ties_merge
+        from adaptr.ops.ties_merge import ties_merge
 
         return ties_merge(_drop(deltas, params, seeds), weights, lam=params["lambda"], trim=False)
 
     def merge_onto(self, base, deltas, weights, params, *, seeds, out_dtype):
-        from adaptr.ops.reference import ties_merge
+        from adaptr.ops.ties_merge import ties_merge
 
         dropped = _drop(deltas, params, seeds)
         return ties_merge(dropped, weights, lam=params["lambda"], trim=False, base=base, out_dtype=out_dtype)

@@ -1,6 +1,6 @@
 """Built-in strategies that add deltas: ``simple``, ``linear`` and ``task_arithmetic``.
 
-Each is a composition of the step functions in :mod:`adaptr.ops.reference`; torch is
+Each is a composition of the step functions in :mod:`adaptr.ops`; torch is
 imported only when a merge runs.
 """
 
@@ -50,7 +50,7 @@ class Linear:
     elementwise = True
 
     def merge(self, deltas, weights, params, *, seeds):
-        from adaptr.ops.reference import weighted_sum
+        from adaptr.ops.weighted_sum import weighted_sum
 
         return weighted_sum(deltas, weights, normalize=bool(params["normalize"]))
 
@@ -68,7 +68,7 @@ class TaskArithmetic:
     elementwise = True
 
     def merge(self, deltas, weights, params, *, seeds):
-        from adaptr.ops.reference import weighted_sum
+        from adaptr.ops.weighted_sum import weighted_sum
 
         return scale(weighted_sum(deltas, weights, normalize=bool(params["normalize"])), params["lambda"])
 

@@ -21,12 +21,12 @@ class Ties:
     max_adapters = None
 
     def merge(self, deltas, weights, params, *, seeds):
-        from adaptr.ops.reference import ties_merge
+        from adaptr.ops.ties_merge import ties_merge
 
         return ties_merge(deltas, weights, density=params["density"], lam=params["lambda"])
 
     def merge_onto(self, base, deltas, weights, params, *, seeds, out_dtype):
-        from adaptr.ops.reference import ties_merge
+        from adaptr.ops.ties_merge import ties_merge
 
         return ties_merge(
             deltas, weights, density=params["density"], lam=params["lambda"], base=base, out_dtype=out_dtype
@@ -45,7 +45,8 @@ class MagnitudePrune:
     max_adapters = None
 
     def merge(self, deltas, weights, params, *, seeds):
-        from adaptr.ops.reference import trim_by_magnitude, weighted_sum
+        from adaptr.ops.magnitude_threshold import trim_by_magnitude
+        from adaptr.ops.weighted_sum import weighted_sum
 
         trimmed = [trim_by_magnitude(d, params["density"]) for d in deltas]
         out = weighted_sum(trimmed, weights)

@@ -41,7 +41,7 @@ import torch
 import adaptr.cli
 import adaptr.engine
 import adaptr.io.safetensors_io
-import adaptr.ops.reference
+import adaptr.ops.ties_merge
 import adaptr.services.merge
 from adaptr.plugins import get_host
 

@@ -298,7 +298,7 @@ def test_unreadable_base_file(cli, demo_set, adaptr_home, tmp_path, damage):
 
 def test_ctrl_c_mid_merge_registers_nothing(cli, demo_set, adaptr_home, monkeypatch):
     register_demo(cli, demo_set)
-    import adaptr.ops.reference as ref
+    import adaptr.ops.ties_merge as ref
 
     real = ref.ties_merge
     calls = []
@@ -331,7 +331,7 @@ def test_ctrl_c_mid_merge_registers_nothing(cli, demo_set, adaptr_home, monkeypa
 def test_failure_while_writing_cleans_up(cli, demo_set, adaptr_home, monkeypatch):
     """Any exception from a strategy (not only Ctrl-C) leaves nothing behind."""
     register_demo(cli, demo_set)
-    import adaptr.ops.reference as ref
+    import adaptr.ops.weighted_sum as ref
 
     def broken(*args, **kwargs):
         raise OSError(28, "No space left on device")

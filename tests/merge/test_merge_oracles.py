@@ -539,7 +539,7 @@ def _our_masks(seed: int, density: float):
     """
     from dataclasses import fields
 
-    from adaptr.ops import reference as ref
+    from adaptr.ops import random_drop as ref
     from adaptr.ops.merge_tensor import TensorMergeOp
 
     philox = "seeds" in {f.name for f in fields(TensorMergeOp)}

@@ -21,7 +21,7 @@ from adaptr.ops.philox import (
     philox_randint4x,
     philox_uniform,
 )
-from adaptr.ops.reference import random_drop, tensor_seed
+from adaptr.ops.random_drop import random_drop, tensor_seed
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Tests of the pure-torch merge steps: hand-computed cases, exact references, and mergekit/PEFT oracles."""
+"""Tests of the pure-torch merge steps (adaptr.ops): hand-computed cases, exact references, mergekit/PEFT oracles."""
 
 from __future__ import annotations
 
@@ -8,20 +8,14 @@ import pytest
 import torch
 
 from adaptr.errors import InvalidInputError
-from adaptr.ops import reference as R
-from adaptr.ops.reference import (
-    bernoulli_mask,
-    disjoint_merge,
-    elect_sign,
-    lora_delta,
-    magnitude_threshold,
-    make_generator,
-    random_drop,
-    tensor_seed,
-    ties_merge,
-    trim_by_magnitude,
-    weighted_sum,
-)
+from adaptr.ops import magnitude_threshold as MT
+from adaptr.ops import random_drop as RD
+from adaptr.ops import ties_merge as TM
+from adaptr.ops.lora_delta import lora_delta
+from adaptr.ops.magnitude_threshold import magnitude_threshold, trim_by_magnitude
+from adaptr.ops.random_drop import bernoulli_mask, make_generator, random_drop, tensor_seed
+from adaptr.ops.ties_merge import disjoint_merge, elect_sign, ties_merge
+from adaptr.ops.weighted_sum import weighted_sum
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -264,7 +258,7 @@ def _kth_largest_abs(x: torch.Tensor, k: int) -> float:
 
 @pytest.mark.parametrize(
     "n",
-    [1, 7, R._SELECT_SMALL, R._SELECT_SMALL + 1, R._SELECT_CHUNK + 3, 4 * R._SELECT_CHUNK + 5],
+    [1, 7, MT._SELECT_SMALL, MT._SELECT_SMALL + 1, MT._SELECT_CHUNK + 3, 4 * MT._SELECT_CHUNK + 5],
 )
 def test_magnitude_threshold_matches_kthvalue(n: int) -> None:
     x = randn(n, seed=n)
@@ -275,7 +269,7 @@ def test_magnitude_threshold_matches_kthvalue(n: int) -> None:
 
 def test_magnitude_threshold_duplicates_zeros_denormals() -> None:
     g = torch.Generator().manual_seed(3)
-    n = 2 * R._SELECT_CHUNK + 11
+    n = 2 * MT._SELECT_CHUNK + 11
     # heavy duplicates: 50 distinct magnitudes with random signs
     dup = torch.randint(0, 50, (n,), generator=g).float().div_(8) * (torch.rand(n, generator=g) - 0.5).sign()
     # zeros (both signs) and denormals mixed into normal values
@@ -295,7 +289,7 @@ def test_magnitude_threshold_duplicates_zeros_denormals() -> None:
 
 def test_magnitude_threshold_bucket_edges() -> None:
     """Answers at a bucket's first and last pattern, and neighbours just outside it."""
-    n = R._SELECT_CHUNK + 5
+    n = MT._SELECT_CHUNK + 5
     x = randn(n, seed=6)
     lower = 0x3F80 << 16  # 1.0 starts a bucket
     edges = torch.tensor([lower - 1, lower, lower + 1, lower + 0xFFFF, lower + 0x10000], dtype=torch.int32)
@@ -313,17 +307,17 @@ def test_magnitude_threshold_when_the_sample_misleads(monkeypatch: pytest.Monkey
     large) values sends the first pass to the wrong buckets, and the second pass still finds the
     exact answer. Without misleading, one pass suffices."""
     passes: list[int] = []
-    real = R._window_histogram
+    real = MT._window_histogram
 
     def counted(*args, **kwargs):
         passes.append(args[2])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(R, "_window_histogram", counted)
+    monkeypatch.setattr(MT, "_window_histogram", counted)
     n = 3 * (1 << 17) * 7 + 5  # sampled with stride 7
     x = randn(n, seed=21)
     magnitude_threshold(x, n // 5)
-    assert passes == [R._GUESS_WIDTH]
+    assert passes == [MT._GUESS_WIDTH]
     sampled = torch.zeros(n, dtype=torch.bool)
     sampled[::7] = True
     for scale in (1e-3, 1e3):  # sampled entries far below, then far above, all others
@@ -331,13 +325,13 @@ def test_magnitude_threshold_when_the_sample_misleads(monkeypatch: pytest.Monkey
         y = torch.where(sampled, x * scale, x)
         for k in (1, n // 5, n // 2, n - 3):
             assert magnitude_threshold(y, k) == _kth_largest_abs(y, k)
-        assert R._GUESS_WIDTH in passes and 1 in passes, passes  # both the guess and the fallback ran
+        assert MT._GUESS_WIDTH in passes and 1 in passes, passes  # both the guess and the fallback ran
         assert len(passes) <= 8
 
 
 def test_ties_merge_onto_base_is_exactly_add_then_cast() -> None:
     """With ``base`` the fused pass equals ``(base + ties_merge(...)).to(out_dtype)`` bit for bit."""
-    shape = (300, R._MERGE_CHUNK // 256 + 3)
+    shape = (300, TM._MERGE_CHUNK // 256 + 3)
     deltas = [randn(*shape, seed=30 + i) for i in range(3)]
     base32 = randn(*shape, seed=40)
     for base in (base32, base32.to(torch.bfloat16), base32.to(torch.float16)):
@@ -370,7 +364,7 @@ def test_trim_matches_topk() -> None:
         exact(trim_by_magnitude(x, d), x * mask.reshape(x.shape))
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (700, 1000), (R._MERGE_CHUNK + 17,)])
+@pytest.mark.parametrize("shape", [(5, 7), (700, 1000), (TM._MERGE_CHUNK + 17,)])
 def test_ties_merge_equals_composition(shape: tuple[int, ...]) -> None:
     deltas = [randn(*shape, seed=10 + i) for i in range(3)]
     cases = [
@@ -500,7 +494,7 @@ def test_peft_pruning_oracles() -> None:
 
 
 def test_bernoulli_mask_matches_torch_bernoulli() -> None:
-    shape = (3, R._MASK_CHUNK // 2 + 7)  # spans several chunks
+    shape = (3, RD._MASK_CHUNK // 2 + 7)  # spans several chunks
     for d in (0.1, 1 / 3):
         expected = torch.bernoulli(torch.full(shape, d), generator=torch.Generator().manual_seed(5)).bool()
         exact(bernoulli_mask(shape, d, generator=torch.Generator().manual_seed(5)), expected)
