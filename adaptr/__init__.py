@@ -9,17 +9,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from adaptr.errors import AdaptrError
-from adaptr.hookspecs import hookimpl
 
 __version__ = "0.1.0"
 
 __all__ = ["AdaptrError", "Catalog", "__version__", "hookimpl", "merge"]
 
 if TYPE_CHECKING:
+    from adaptr.hookspecs import hookimpl
     from adaptr.services.catalog import Catalog
 
 
-def __getattr__(name: str) -> Any:  # lazy: keep `import adaptr` free of SQLAlchemy and torch
+def __getattr__(name: str) -> Any:
+    # lazy: `import adaptr.ops` needs torch alone (the GPU kernels and their benchmark import it)
+    if name == "hookimpl":
+        from adaptr.hookspecs import hookimpl
+
+        return hookimpl
     if name == "Catalog":
         from adaptr.services.catalog import Catalog
 
