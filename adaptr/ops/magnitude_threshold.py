@@ -213,3 +213,18 @@ def trim_by_magnitude(x: Tensor, density: float) -> Tensor:
         return torch.zeros_like(x)
     threshold = magnitude_threshold(x, keep_count(d, n))
     return x.masked_fill(x.abs() < threshold, 0)
+
+
+def lora_magnitude_threshold(
+    lora_A: Tensor, lora_B: Tensor, scaling: float, k: int, *, transpose: bool = False
+) -> float:
+    """The exact k-th largest ``|ΔW|`` of one LoRA module, ``ΔW = scaling · B @ A`` (``ΔWᵀ`` when
+    ``transpose``): ``magnitude_threshold(lora_delta(...), k)``. The torch twin of the Triton kernel
+    of the same name, which finds it from ΔW tiles it never stores.
+
+    Raises:
+        InvalidInputError: for factors that do not chain, or ``k`` outside ``[1, numel]``.
+    """
+    from adaptr.ops.lora_delta import lora_delta
+
+    return magnitude_threshold(lora_delta(lora_A, lora_B, scaling, transpose=transpose), k)

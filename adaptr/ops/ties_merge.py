@@ -253,3 +253,69 @@ def ties_merge(
 def _below(value: float) -> float:
     """The largest float32 below a positive float32 ``value`` (NaN stays NaN, dropping everything)."""
     return bits_to_float(float_bits(value) - 1)
+
+
+def ties_merge_lora(
+    base: Tensor,
+    factors: Sequence[tuple[Tensor, Tensor, float]],
+    weights: Sequence[float],
+    *,
+    density: float | Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    drop_density: float = 1.0,
+    lam: float = 1.0,
+    normalize: bool = True,
+    transpose: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """TIES / DARE-TIES of LoRA modules onto a base weight: the torch twin (and oracle) of the Triton
+    kernel ``adaptr_triton.ties_merge``.
+
+    ``δ_i = lora_delta(A_i, B_i, scaling_i)``; with ``seeds``, ``δ_i = random_drop(δ_i, drop_density,
+    seed=seeds[i], rescale="density")`` (DARE); then ``ties_merge(δ, weights, density=density,
+    trim=density is not None, lam=lam, normalize=normalize, base=base, out_dtype=out_dtype)``: trim to
+    the top-k magnitudes when ``density`` is given, elect signs, weighted disjoint mean, × λ, + base.
+
+    Args:
+        base: the base weight (any float dtype), ``d × k`` (``k × d`` when ``transpose``).
+        factors: one ``(lora_A, lora_B, scaling)`` per adapter.
+        weights: one weight per adapter.
+        density: TIES's trim density (one, or one per adapter); None skips the trim (DARE-TIES).
+        seeds: optional Philox keys, one per adapter, for DARE's drop.
+        drop_density: DARE's keep probability (only with ``seeds``); kept entries are scaled by its
+            inverse.
+        lam: λ, applied after the disjoint merge.
+        normalize: divide by the sum of agreeing weights.
+        transpose: the base stores ``ΔWᵀ`` (``fan_in_fan_out``).
+        out_dtype: the result's dtype (default ``base.dtype``).
+
+    Returns:
+        A new tensor of ``base``'s shape in ``out_dtype``.
+
+    Raises:
+        InvalidInputError: for no factors, mismatched counts or shapes, non-finite numbers.
+    """
+    from adaptr.ops.lora_delta import lora_delta
+    from adaptr.ops.random_drop import random_drop
+
+    deltas = [lora_delta(a, b, s, transpose=transpose) for a, b, s in factors]
+    if seeds is not None:
+        keys = list(seeds)
+        if len(keys) != len(deltas):
+            raise InvalidInputError(f"got {len(keys)} seeds for {len(deltas)} adapters")
+        deltas = [random_drop(d, drop_density, seed=key, rescale="density") for d, key in zip(deltas, keys)]
+    for d in deltas:
+        if d.shape != base.shape:
+            raise InvalidInputError(
+                f"a LoRA delta of shape {tuple(d.shape)} does not match the base {tuple(base.shape)}"
+            )
+    return ties_merge(
+        deltas,
+        weights,
+        density=1.0 if density is None else density,
+        lam=lam,
+        trim=density is not None,
+        normalize=normalize,
+        base=base,
+        out_dtype=out_dtype or base.dtype,
+    )
