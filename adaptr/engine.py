@@ -10,6 +10,7 @@ The engine knows strategies only through the registry; it never names one.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import math
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch
 
+from adaptr.backends import TORCH, Selected, using
+from adaptr.device_stage import DeviceStage
 from adaptr.errors import InvalidInputError, OperationError
 from adaptr.interfaces import MergeStrategy
 from adaptr.ops.merge_tensor import DenseDelta, LoraFactors, TensorMergeOp, merge_tensor
@@ -61,20 +64,24 @@ def execute(
     qlora: QuantStep | None = None,
     tee: Path | None = None,
     report: dict[str, dict[str, float]] | None = None,
+    backend: Selected = TORCH,
+    stats: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Stream every output tensor into ``dest`` (sharded safetensors); return each file's sha256.
 
     ``quantize`` turns the tensors planned with parts into their quantized parts in the same
     pass, recording each one's error in ``report``; ``qlora`` round-trips the base weights
     marked ``roundtrip`` before anything is added to them; ``tee`` also writes the
-    unquantized result there (the merge report compares both).
+    unquantized result there (the merge report compares both). ``backend`` says where the
+    arithmetic runs (see :mod:`adaptr.backends`); on an accelerator the tensors travel through
+    :class:`DeviceStage`, and ``stats`` receives the device's peak memory.
     """
     from safetensors import safe_open
 
     from adaptr.io.safetensors_io import StreamingShardWriter, open_weights, torch_dtype
     from adaptr.plugins import get_host
 
-    kernel_params = {"strategy": strategy.name if strategy else None, **params}
+    kernel_params = {"strategy": strategy.name if strategy else None, **params, "backend": backend.name}
     kernels: dict[tuple[str, str], Callable[[TensorMergeOp], torch.Tensor]] = {}
     reference = functools.partial(merge_tensor, strategy=strategy)
     from adaptr.ops.quant_error import error_stats
@@ -90,7 +97,9 @@ def execute(
 
     specs = [spec for t in plan.tensors for spec in t.specs]
     weights = open_weights(base_path)
-    workers = merge_workers()
+    stage = DeviceStage(backend.device)
+    # On an accelerator two workers suffice: one transfers while the other's kernels run.
+    workers = merge_workers(default=2 if stage.cuda else None)
     # Tensors are merged concurrently only while their estimated working memory fits in
     # 6x the largest output tensor (the writer may hold 2x more): memory never grows with
     # model size. One tensor is always admitted, whatever its estimate.
@@ -100,10 +109,18 @@ def execute(
     workspace = Workspace(budget // 2)
 
     def produce(t: OutputTensor, job: Any) -> _Produced:
+        with stage.stream():
+            produced = produce_here(t, job)
+            return _Produced(
+                [(n, stage.get(v)) for n, v in produced.stored], stage.get(produced.value), produced.error
+            )
+
+    def produce_here(t: OutputTensor, job: Any) -> _Produced:
         out_dtype = torch_dtype(t.code)
         if isinstance(job, TensorMergeOp):
+            job = stage.put_op(job)
             if t.roundtrip and qlora is not None:
-                job.base = qlora.roundtrip(t.source, job.base)
+                job.base = stage.put(qlora.roundtrip(t.source, job.base))
             value = kernel_for(str(job.base.device), out_dtype)(job)
             # min and max are one fast vectorised pass in the tensor's own dtype (a float32 sum of
             # bf16 is ten times slower), and NaN and ±Inf show up in one of them.
@@ -113,9 +130,11 @@ def execute(
                     "parameters"
                 )
         else:
+            if stage.cuda and (t.roundtrip or t.parts is not None):
+                job = stage.put(job)
             value = job if job.dtype == out_dtype else job.to(out_dtype)
             if t.roundtrip and qlora is not None:
-                value = qlora.roundtrip(t.source, value)
+                value = stage.put(qlora.roundtrip(t.source, value))
         if t.parts is None or quantize is None:
             return _Produced([(t.name, value)], value, None)
         with _plugin_errors("quantizer", quantize.quantizer.name, t.name):
@@ -127,16 +146,17 @@ def execute(
                     f"layout announced {planned}; report this to the plugin's authors"
                 )
             approx = quantize.quantizer.dequantize(t.name, parts, quantize.params, value.dtype)
-        return _Produced(list(parts.items()), value, error_stats(value, approx))
+        return _Produced(list(parts.items()), value, error_stats(value, approx.to(value.device)))
 
     _return_freed_memory()
     previous_threads = torch.get_num_threads()
-    if workers > 1:
+    if workers > 1 and not stage.cuda:
         # Parallel across tensors, one thread per op: torch's intra-op threads stall badly when
         # the writer and hasher threads hold a core, independent tensors do not.
         torch.set_num_threads(1)
     try:
         with contextlib.ExitStack() as stack:
+            stack.enter_context(using(backend))  # quantizers ask adaptr.backends.kernel() for it
             base = stack.enter_context(weights.reader())
             files = [
                 stack.enter_context(safe_open(str(a.path / a.manifest.weights_file), framework="pt"))
@@ -212,7 +232,8 @@ def execute(
                     else:
                         job = base.get(t.source)
                     out_bytes = math.prod(t.shape) * _CODE_BYTES.get(t.code, 1)
-                    window.append(_Job(t, pool.submit(produce, t, job), est, out_bytes))
+                    context = contextvars.copy_context()  # workers see the operation's backend
+                    window.append(_Job(t, pool.submit(context.run, produce, t, job), est, out_bytes))
                 while window:
                     settle(block=True)
             except BaseException:
@@ -221,6 +242,9 @@ def execute(
                 raise
     finally:
         torch.set_num_threads(previous_threads)
+    if stats is not None:
+        stats["backend"] = backend.to_dict()
+        stats["device_peak_bytes"] = stage.peak_bytes()
     hashes = dict(writer.sha256)
     if writer.index_path is not None:
         from adaptr.io.files import sha256_file
@@ -244,8 +268,8 @@ class _Job:
     out_bytes: int  # bytes it holds once finished, until written
 
 
-def merge_workers() -> int:
-    """Tensors merged at once: ``ADAPTR_MERGE_WORKERS``, default one per CPU core."""
+def merge_workers(default: int | None = None) -> int:
+    """Tensors merged at once: ``ADAPTR_MERGE_WORKERS``, else ``default``, else one per CPU core."""
     import os
 
     value = os.environ.get("ADAPTR_MERGE_WORKERS")
@@ -254,6 +278,8 @@ def merge_workers() -> int:
             return max(1, int(value))
         except ValueError:
             raise InvalidInputError(f"ADAPTR_MERGE_WORKERS={value!r}: expected a whole number") from None
+    if default is not None:
+        return default
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 

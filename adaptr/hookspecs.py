@@ -71,6 +71,15 @@ def register_pipeline_steps(register: Callable[[Any], None]) -> None:
 
 
 @hookspec
+def register_backends(register: Callable[[Any], None]) -> None:
+    """Register compute backends (``adaptr.interfaces.ComputeBackend``) for ``--backend NAME``.
+
+    :param register: call ``register(backend)`` once per backend; its kernels are claimed
+        through ``get_kernel`` when ``params["backend"]`` is its name.
+    """
+
+
+@hookspec
 def register_commands(app: typer.Typer) -> None:
     """Add commands or sub-command groups to the ``adaptr`` CLI.
 

@@ -252,6 +252,26 @@ class Exporter(Protocol):
 
 
 @runtime_checkable
+class ComputeBackend(Protocol):
+    """Where tensor arithmetic may run instead of the torch reference (``register_backends``).
+
+    ``probe`` says, without side effects, which device the backend would use now, or why it
+    cannot run: ``explicit`` is True when the user named it (``--backend NAME``), so a backend
+    may accept a setup ``auto`` should not pick (Triton's CPU interpreter). The kernels
+    themselves are claimed per operation through the ``get_kernel`` hook, which receives the
+    chosen backend's name in ``params["backend"]``. ``operations`` maps each operation the
+    backend accelerates to what it covers, for ``adaptr plugins``.
+    """
+
+    name: str
+    description: str
+    operations: dict[str, str]
+
+    def probe(self, explicit: bool) -> tuple[str | None, str]:
+        """``(device, why)``: e.g. ``("cuda:0", "NVIDIA H100")`` or ``(None, "no CUDA device; ...")``."""
+
+
+@runtime_checkable
 class StepType(Protocol):
     """A pipeline step type (``register_pipeline_steps``): one key of a step in ``adaptr run``'s YAML.
 

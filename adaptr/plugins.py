@@ -33,6 +33,7 @@ REGISTRY_HOOKS = {
     "quantizer": "register_quantizers",
     "exporter": "register_exporters",
     "step": "register_pipeline_steps",
+    "backend": "register_backends",
 }
 
 
@@ -173,9 +174,12 @@ class PluginHost:
 
     def describe(self) -> list[dict[str, Any]]:
         registered: dict[str, dict[str, list[str]]] = {n: {} for n in self.info}
+        accelerates: dict[str, dict[str, dict[str, str]]] = {}
         for kind in REGISTRY_HOOKS:
-            for name, _obj, plugin in self.registry(kind).items():
+            for name, obj, plugin in self.registry(kind).items():
                 registered.setdefault(plugin, {}).setdefault(kind, []).append(name)
+                if kind == "backend":
+                    accelerates.setdefault(plugin, {})[name] = dict(obj.operations)
         return [
             {
                 "name": i.name,
@@ -184,6 +188,7 @@ class PluginHost:
                 "version": i.version,
                 "hooks": i.hooks,
                 "registers": registered.get(i.name, {}),
+                "accelerates": accelerates.get(i.name, {}),
             }
             for i in sorted(self.info.values(), key=lambda i: i.name)
         ]

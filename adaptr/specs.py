@@ -61,6 +61,10 @@ class MergeSpec(BaseModel):
     skip: list[str] | None = Field(
         None, description="Modules left unquantized (default: lm_head and the embeddings)."
     )
+    backend: str = Field(
+        "auto",
+        description="Where the arithmetic runs: auto (a GPU backend when usable), torch, or a backend.",
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -112,6 +116,10 @@ class QuantizeSpec(BaseModel):
     name: str = Field(..., description="Catalog name of the quantized model.")
     new_version: bool = Field(False, description="Add a new version when NAME exists.")
     max_shard_size: str | int = Field("5GB", description="Largest output shard (decimal units, e.g. 5GB).")
+    backend: str = Field(
+        "auto",
+        description="Where the arithmetic runs: auto (a GPU backend when usable), torch, or a backend.",
+    )
 
     def quantizer_args(self) -> dict[str, Any]:
         given = {"double_quant": self.double_quant, "blocksize": self.blocksize}

@@ -108,6 +108,13 @@ def merge(
         metavar="MODULE",
         help="Module left unquantized (repeatable; default: lm_head and the embeddings).",
     ),
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        metavar="auto|torch|NAME",
+        help="Where the arithmetic runs: auto (default: a GPU backend when one is usable), torch, or a "
+        "backend listed by `adaptr plugins` (triton).",
+    ),
     config: Path = typer.Option(
         None, "--config", metavar="FILE.yaml", help="YAML file with the same keys as these flags."
     ),
@@ -140,6 +147,7 @@ def merge(
         "qlora": qlora,
         "requantize": requantize,
         "skip": skip or None,
+        "backend": backend,
     }
     pairs = (
         ("params", param, "--param"),

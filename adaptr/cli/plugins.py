@@ -24,6 +24,11 @@ def plugins(json: bool = JSON_OPTION) -> None:
         reg = "; ".join(f"{k}: {', '.join(v)}" for k, v in sorted(r["registers"].items())) or "-"
         t.add_row(r["name"], r["distribution"] or "-", r["version"] or "-", reg, ", ".join(r["hooks"]))
     stdout().print(t)
+    for r in rows:
+        for backend, ops in r["accelerates"].items():
+            stdout().print(f"\n[bold]backend {backend}[/bold] ({r['name']}) accelerates:")
+            for op, what in ops.items():
+                stdout().print(f"  {op}: {what}")
 
 
 def register(app: typer.Typer) -> None:

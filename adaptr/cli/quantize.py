@@ -34,6 +34,13 @@ def quantize(
     max_shard_size: str = typer.Option(
         None, "--max-shard-size", metavar="SIZE", help="Largest output shard (default 5GB)."
     ),
+    backend: str = typer.Option(
+        None,
+        "--backend",
+        metavar="auto|torch|NAME",
+        help="Where the arithmetic runs: auto (default: a GPU backend when one is usable), torch, or a "
+        "backend listed by `adaptr plugins` (triton).",
+    ),
     config: Path = typer.Option(
         None, "--config", metavar="FILE.yaml", help="YAML file with the same keys as these flags."
     ),
@@ -52,6 +59,7 @@ def quantize(
         "double_quant": double_quant,
         "blocksize": blocksize,
         "skip": skip or None,
+        "backend": backend,
         "name": name,
         "new_version": new_version,
         "max_shard_size": max_shard_size,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adaptr import backends
 from adaptr.errors import IncompatibleAdapterError, InvalidInputError, VerificationError
 from adaptr.interfaces import AdapterManifest, ModelManifest
 from adaptr.plugins import get_host, get_registry
@@ -113,6 +114,7 @@ def merge(
             "use linear or task_arithmetic for task negation"
         )
     params = planning.resolve_params(strategy, spec.strategy_args())
+    backends.check_name(spec.backend)
     max_shard = parse_size(spec.max_shard_size)
     if spec.qlora_params and not spec.qlora:
         raise InvalidInputError(
@@ -262,6 +264,7 @@ def merge(
     # The QLoRA report compares the 16-bit merge too: with --requantize it is written beside.
     tee = catalog.store.staging() if (spec.verify and requant) else None
     report: dict[str, dict[str, Any]] = {}
+    stats: dict[str, Any] = {}
     qconfig = requant.quantizer.config(requant.params, skipped, base_dtype or "bfloat16") if requant else None
     try:
         with catalog.progress.task(f"merging {spec.name}", plan.source_bytes) as advance:
@@ -279,6 +282,8 @@ def merge(
                 qlora=qlora,
                 tee=tee,
                 report=report,
+                backend=backends.select(spec.backend),
+                stats=stats,
             )
         untied = plan.untied is not None
         planning.copy_side_files(
@@ -325,6 +330,7 @@ def merge(
         "seed": spec.seed,
         "untied": plan.untied,
         "merged_tensors": sum(1 for t in plan.tensors if t.lora or t.bias or t.replacement),
+        **stats,
     }
     if qlora is not None:
         meta["qlora"] = edge_params["qlora"]

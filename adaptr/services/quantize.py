@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from adaptr import backends
 from adaptr.errors import InvalidInputError
 from adaptr.interfaces import ModelManifest
 from adaptr.plugins import get_host, get_registry
@@ -105,6 +106,7 @@ def quantize(
     catalog = catalog or Catalog()
     step, plugin = quant_step(spec.method, spec.quantizer_args())
     max_shard = parse_size(spec.max_shard_size)
+    backends.check_name(spec.backend)
 
     check_name(spec.name)
     new_version = spec.new_version or force
@@ -155,6 +157,7 @@ def quantize(
         f"quantized model {spec.name}",
     )
     report: dict[str, dict[str, float]] = {}
+    stats: dict[str, Any] = {}
     staged = catalog.store.staging()
     try:
         with catalog.progress.task(f"quantizing {spec.name}", plan.source_bytes) as advance:
@@ -170,6 +173,8 @@ def quantize(
                 progress=advance,
                 quantize=step,
                 report=report,
+                backend=backends.select(spec.backend),
+                stats=stats,
             )
         compute = manifest.dtype or "bfloat16"
         planning.copy_side_files(
@@ -199,6 +204,7 @@ def quantize(
         },
         "quant_report": summarize(report, plan.source_bytes, plan.output_bytes),
         "quant_errors": report,
+        **stats,
     }
     art = catalog.record(
         name=spec.name,

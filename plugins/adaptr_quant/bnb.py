@@ -131,10 +131,14 @@ class Bnb4bit:
     def quantize(self, name: str, tensor: Any, params: dict[str, Any]) -> dict[str, Any]:
         import torch
 
+        from adaptr import backends
         from adaptr.ops.quant4 import code_book, dynamic_map, quantize_4bit
 
         nested = bool(params.get("double_quant"))
-        q = quantize_4bit(
+        # an accelerated backend (--backend) may claim the per-element work, with the same bytes
+        dtype_name = str(tensor.dtype).removeprefix("torch.")
+        quantize = backends.kernel("quantize_4bit", str(tensor.device), dtype_name) or quantize_4bit
+        q = quantize(
             tensor, blocksize=self._blocksize(params), quant_type=self.quant_type, double_quant=nested
         )
         parts = {
@@ -145,8 +149,7 @@ class Bnb4bit:
         if nested:
             parts[f"{name}.nested_absmax"] = q.nested_absmax
             parts[f"{name}.nested_quant_map"] = dynamic_map().clone()
-        dtype = str(tensor.dtype).removeprefix("torch.")
-        text = json.dumps(self._state_dict(tuple(tensor.shape), dtype, params, q.nested_offset))
+        text = json.dumps(self._state_dict(tuple(tensor.shape), dtype_name, params, q.nested_offset))
         width = self._state_len(tuple(tensor.shape), params)
         parts[self._state_key(name)] = torch.tensor(
             list(text.ljust(width).encode("utf-8")), dtype=torch.uint8
@@ -156,8 +159,12 @@ class Bnb4bit:
     def dequantize(self, name: str, parts: dict[str, Any], params: dict[str, Any], dtype: Any) -> Any:
         import torch
 
+        from adaptr import backends
         from adaptr.ops.quant4 import Quant4, dequantize_4bit
 
+        packed = parts[name]
+        dequantize = backends.kernel("dequantize_4bit", str(packed.device), str(dtype).removeprefix("torch."))
+        dequantize = dequantize or dequantize_4bit
         state = json.loads(bytes(parts[self._state_key(name)].tolist()).decode("utf-8"))
         nested = f"{name}.nested_absmax" in parts
         q = Quant4(
@@ -170,7 +177,7 @@ class Bnb4bit:
             nested_absmax=parts[f"{name}.nested_absmax"] if nested else None,
             nested_offset=float(state["nested_offset"]) if nested else None,
         )
-        return dequantize_4bit(q, dtype)
+        return dequantize(q, dtype)
 
     def config(self, params: dict[str, Any], skipped: list[str], compute_dtype: str) -> dict[str, Any]:
         self._blocksize(params)
