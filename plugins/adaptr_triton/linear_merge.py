@@ -17,6 +17,7 @@ import triton.language as tl
 from adaptr.errors import InvalidInputError
 from adaptr.ops.checks import check_density, check_weights, f32
 from adaptr_triton.lora_tiles import (
+    LAUNCH_OPTIONS,
     PackedFactors,
     check_base,
     delta_tile,
@@ -120,6 +121,7 @@ def _launch(
         NATIVE=packed.native,
         DROP=drop,
         OUT_BF16=out.dtype == torch.bfloat16,
+        **LAUNCH_OPTIONS,
     )
     return out
 

@@ -27,7 +27,14 @@ import triton.language as tl
 from adaptr.errors import InvalidInputError
 from adaptr.ops.checks import f32
 from adaptr.ops.magnitude_threshold import bits_to_float
-from adaptr_triton.lora_tiles import PackedFactors, delta_tile, keep_tile, pack_factors, tile_offsets
+from adaptr_triton.lora_tiles import (
+    LAUNCH_OPTIONS,
+    PackedFactors,
+    delta_tile,
+    keep_tile,
+    pack_factors,
+    tile_offsets,
+)
 
 _HI_BINS = 1 << 15  # top 16 bits of a non-negative float32
 _LO_BINS = 1 << 16
@@ -129,6 +136,7 @@ def select_thresholds(
         BLOCK_R=packed.block_r,
         NATIVE=packed.native,
         DROP=seeds is not None,
+        **LAUNCH_OPTIONS,
     )
     seed_arg = seeds if seeds is not None else pick  # never read without DROP
     high = torch.zeros((rows, _HI_BINS), dtype=torch.int32, device=device)

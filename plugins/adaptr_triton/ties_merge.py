@@ -27,6 +27,7 @@ import triton.language as tl
 from adaptr.errors import InvalidInputError
 from adaptr.ops.checks import check_density, check_weights, f32, keep_count, per_delta_density
 from adaptr_triton.lora_tiles import (
+    LAUNCH_OPTIONS,
     PackedFactors,
     check_base,
     delta_tile,
@@ -307,6 +308,7 @@ def _launch(out: torch.Tensor, base: torch.Tensor, plan: TiesPlan) -> torch.Tens
         TRIM=plan.trim,
         NORMALIZE=plan.normalize,
         OUT_BF16=out.dtype == torch.bfloat16,
+        **LAUNCH_OPTIONS,
     )
     return out
 
