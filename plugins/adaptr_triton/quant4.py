@@ -4,9 +4,9 @@ Same signatures and the same :class:`~adaptr.ops.quant4.Quant4` as the torch twi
 stays on the input's device (the torch reference moves to the CPU).
 
 ``quantize_4bit``: one kernel reads ``x`` once and writes the packed bytes and the per-block absmax.
-Each program takes ``BLOCKS_PER_PROG`` whole quant blocks as a ``[blocks, blocksize/2, 2]`` tile
-(memory order, so the last axis pairs the two nibbles of one byte). The arithmetic is the reference's,
-in float32, op for op:
+Each program takes ``BLOCKS_PER_PROG`` whole quant blocks as one ``[blocks, blocksize]`` tile (contiguous,
+so loads vectorize), and ``tl.split`` of its ``[blocks, blocksize/2, 2]`` view pairs the two nibbles of
+a byte. The arithmetic is the reference's, in float32, op for op:
 
 * ``absmax`` = the largest ``|x|``, taken as the largest sign-less float32 bit pattern (an integer max:
   exact, and a NaN or inf in the block wins, so the finiteness check after the kernel sees it);
@@ -31,7 +31,9 @@ code, the nested scale and the offset when double-quantized) and writes the outp
 code-book lookup, ``dynamic_map[code] * nested_absmax[block // 256] + offset`` (two float32 roundings,
 like ``dequantize_absmax``), ``value * absmax`` in float32, then the cast to ``dtype``.
 
-Kernels launch with ``enable_fp_fusion=False`` so a GPU compiler never fuses a multiply and an add
+bfloat16 goes in and out as its int16 bits: widening is a 16-bit shift, narrowing is torch's
+round-to-nearest-even done on the bits (Triton's interpreter truncates a float32 -> bfloat16 cast; a
+GPU rounds; the bits are the same on both). Kernels launch with ``enable_fp_fusion=False`` so a GPU compiler never fuses a multiply and an add
 into one FMA (one rounding instead of the reference's two). Block sizes come from the shape (no
 autotuning); only triton APIs of 3.6 and earlier are used.
 """
@@ -75,6 +77,7 @@ def _quantize_kernel(
     remap_ptr,  # *Pointer* to the int32 sorted-index -> code table (16 entries; FP4 only)
     tiny_ptr,  # *Pointer* to one float32: the 1e-38 clamp
     n,  # Number of input elements
+    nbytes,  # Number of packed bytes, (n + 1) // 2 (its own argument: aligned, it lets stores vectorize)
     nblocks,  # Number of quant blocks, ceil(n / BLOCKSIZE)
     BLOCKSIZE: tl.constexpr,  # Elements per quant block (32..4096, a power of two)
     BLOCKS_PER_PROG: tl.constexpr,  # Quant blocks each program handles
@@ -82,13 +85,11 @@ def _quantize_kernel(
     PARTIAL: tl.constexpr,  # Whether the last quant block is partial (n % BLOCKSIZE != 0)
     X_BF16: tl.constexpr,  # Whether x holds bfloat16 bits (widened by a shift: exact everywhere)
 ):
-    HALF: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(axis=0)
     # int64 from the start: block * BLOCKSIZE may pass 2**31.
     blk = pid.to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # [B]
-    j = tl.arange(0, HALF)  # byte within the block
-    k = tl.arange(0, 2)  # nibble within the byte: 0 -> element 2i (high), 1 -> element 2i + 1 (low)
-    offs = blk[:, None, None] * BLOCKSIZE + j[None, :, None] * 2 + k[None, None, :]  # [B, HALF, 2]
+    e = tl.arange(0, BLOCKSIZE)  # element within the block
+    offs = blk[:, None] * BLOCKSIZE + e[None, :]  # [B, BLOCKSIZE]
     if X_BF16:
         h = tl.load(x_ptr + offs, mask=offs < n, other=0).to(tl.int32)
         x = (h << 16).to(tl.float32, bitcast=True)
@@ -97,16 +98,16 @@ def _quantize_kernel(
 
     # absmax: the largest sign-less bit pattern is the largest |x| (NaN and inf win over any number).
     mag = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    am = tl.max(tl.max(mag, axis=2), axis=1).to(tl.float32, bitcast=True)  # [B]
+    am = tl.max(mag, axis=1).to(tl.float32, bitcast=True)  # [B]
     tiny = tl.load(tiny_ptr)
     amc = tl.where(am < tiny, tiny, am)  # clamp that keeps a NaN (like torch's clamp)
     inv = tl.math.div_rn(tl.full([BLOCKS_PER_PROG], 1.0, tl.float32), amc)
-    s = x * inv[:, None, None]
+    s = x * inv[:, None]
     if PARTIAL:
         last = blk == nblocks - 1
         am = tl.where(last, amc, am)  # the partial block stores its clamped absmax
         if pid == tl.num_programs(axis=0) - 1:  # only this program divides per element
-            s = tl.where(last[:, None, None], tl.math.div_rn(x, amc[:, None, None]), s)
+            s = tl.where(last[:, None], tl.math.div_rn(x, tl.broadcast_to(amc[:, None], x.shape)), s)
 
     # Code index: the reference's carry trick on the bits of s.
     b = s.to(tl.int32, bitcast=True)
@@ -115,9 +116,11 @@ def _quantize_kernel(
     if REMAP:
         q = tl.load(remap_ptr + (q & 15))  # & 15 keeps a NaN's garbage index in bounds (it raises later)
 
-    byte = tl.sum(q << (4 - 4 * k)[None, None, :], axis=2)  # [B, HALF]
-    boffs = blk[:, None] * HALF + j[None, :]
-    tl.store(packed_ptr + boffs, byte.to(tl.uint8), mask=boffs < (n + 1) // 2)
+    # Two codes per byte, element 2i in the high nibble.
+    hi, lo = tl.split(tl.reshape(q, [BLOCKS_PER_PROG, BLOCKSIZE // 2, 2]))
+    j = tl.arange(0, BLOCKSIZE // 2)
+    boffs = blk[:, None] * (BLOCKSIZE // 2) + j[None, :]  # [B, BLOCKSIZE / 2]
+    tl.store(packed_ptr + boffs, ((hi << 4) | lo).to(tl.uint8), mask=boffs < nbytes)
     tl.store(absmax_ptr + blk, am, mask=blk < nblocks)
 
 
@@ -131,6 +134,7 @@ def _dequantize_kernel(
     code_ptr,  # *Pointer* to the float32 code book (16 entries)
     out_ptr,  # *Pointer* to the output, n elements (float32 or float16; bfloat16 as its int16 bits)
     n,  # Number of output elements
+    nbytes,  # Number of packed bytes, (n + 1) // 2 (its own argument: aligned, it lets loads vectorize)
     nblocks,  # Number of quant blocks, ceil(n / BLOCKSIZE)
     BLOCKSIZE: tl.constexpr,  # Elements per quant block (32..4096, a power of two)
     BLOCKS_PER_PROG: tl.constexpr,  # Quant blocks each program handles
@@ -138,7 +142,6 @@ def _dequantize_kernel(
     NESTED_BLOCKSIZE: tl.constexpr,  # Quant blocks per nested scale (256)
     OUT_BF16: tl.constexpr,  # Whether out takes bfloat16 bits, rounded to nearest even as torch rounds
 ):
-    HALF: tl.constexpr = BLOCKSIZE // 2
     pid = tl.program_id(axis=0)
     blk = pid.to(tl.int64) * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)  # [B]
     in_range = blk < nblocks
@@ -150,13 +153,14 @@ def _dequantize_kernel(
     else:
         am = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
 
-    j = tl.arange(0, HALF)
-    k = tl.arange(0, 2)
-    boffs = blk[:, None] * HALF + j[None, :]  # [B, HALF]
-    byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
-    nib = (byte[:, :, None] >> (4 - 4 * k)[None, None, :]) & 15  # [B, HALF, 2]
-    val = tl.load(code_ptr + nib) * am[:, None, None]
-    offs = blk[:, None, None] * BLOCKSIZE + j[None, :, None] * 2 + k[None, None, :]
+    j = tl.arange(0, BLOCKSIZE // 2)
+    boffs = blk[:, None] * (BLOCKSIZE // 2) + j[None, :]  # [B, BLOCKSIZE / 2]
+    byte = tl.load(packed_ptr + boffs, mask=boffs < nbytes, other=0).to(tl.int32)
+    hi = tl.load(code_ptr + (byte >> 4)) * am[:, None]  # element 2i
+    lo = tl.load(code_ptr + (byte & 15)) * am[:, None]  # element 2i + 1
+    val = tl.reshape(tl.join(hi, lo), [BLOCKS_PER_PROG, BLOCKSIZE])
+    e = tl.arange(0, BLOCKSIZE)
+    offs = blk[:, None] * BLOCKSIZE + e[None, :]  # [B, BLOCKSIZE]
     if OUT_BF16:
         # torch's float32 -> bfloat16 (round to nearest even) on the bits: the same on a GPU and in
         # the interpreter (whose own cast truncates). Values are finite: no NaN case.
@@ -227,6 +231,7 @@ def quantize_4bit(
         remap,
         tiny,
         n,
+        (n + 1) // 2,
         nblocks,
         BLOCKSIZE=blocksize,
         BLOCKS_PER_PROG=per_prog,
@@ -288,6 +293,7 @@ def dequantize_4bit(q: Quant4, dtype: torch.dtype | None = None) -> Tensor:
             code,
             out.view(torch.int16) if dtype == torch.bfloat16 else out,
             n,
+            (n + 1) // 2,
             nblocks,
             BLOCKSIZE=q.blocksize,
             BLOCKS_PER_PROG=per_prog,
