@@ -66,7 +66,12 @@ def get_kernel(op: str, device: str, dtype: str, params) -> Callable[..., Any] |
         if strategy not in _FUSED:
             return None
         reference = get_strategy(strategy)
-        return lambda job: _fused_merge(job) or merge_tensor(job, reference)
+
+        def merge(job: Any) -> Any:
+            fused = _fused_merge(job)
+            return merge_tensor(job, reference) if fused is None else fused
+
+        return merge
     if op == "quantize_4bit":
         from adaptr_triton.quant4 import quantize_4bit
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from cli_helpers import ok_json
+from cli_helpers import ok_json, read_tensors
 
 from adaptr.testing import make_llama_base, make_lora_adapter
 
@@ -39,6 +39,29 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for i, r in enumerate((3, 16))
     ]
     return {"base": base, "adapters": ad}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Count the Triton entry points a run calls: equal outputs alone would not show they ran."""
+    import importlib
+
+    calls: dict[str, int] = {}
+    for module, name in [
+        ("adaptr_triton.linear_merge", "linear_merge"),
+        ("adaptr_triton.ties_merge", "ties_merge_lora"),
+        ("adaptr_triton.quant4", "quantize_4bit"),
+        ("adaptr_triton.quant4", "dequantize_4bit"),
+    ]:
+        mod = importlib.import_module(module)
+        real = getattr(mod, name)
+
+        def counted(*args, _real=real, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, name, counted)
+    return calls
 
 
 def register(cli, tiny: dict) -> None:
@@ -96,6 +119,39 @@ def test_plugins_lists_what_triton_accelerates(cli) -> None:
     assert code == 0 and "backend triton (triton) accelerates:" in out
 
 
+STRATEGIES = [
+    ("simple", ["--adapter", "a1", "--weights", "0.7"]),
+    ("ties", ["--adapter", "a0", "--adapter", "a1", "--density", "0.3", "--weights", "1,0.5"]),
+    ("dare_ties", ["--adapter", "a0", "--adapter", "a1", "--density", "0.6", "--seed", "7"]),
+    ("dare_linear", ["--adapter", "a0", "--adapter", "a1", "--density", "0.5", "--seed", "3"]),
+    ("linear", ["--adapter", "a0", "--adapter", "a1", "--weights", "0.5,-1.5"]),
+]
+
+
+@pytest.mark.parametrize(("strategy", "args"), STRATEGIES, ids=[s for s, _ in STRATEGIES])
+def test_whole_merge_on_triton_equals_torch(cli, tiny, monkeypatch, kernel_calls, strategy, args) -> None:
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    register(cli, tiny)
+    common = ["merge", *args, "--strategy", strategy, "--dtype", "fp32"]
+    ref = ok_json(cli, *common, "--name", "ref", "--backend", "torch")
+    fast = ok_json(cli, *common, "--name", "fast", "--backend", "triton", "--force")
+    assert fast["metadata"]["backend"]["name"] == "triton"
+    assert fast["metadata"]["backend"]["device"] == ("cuda:0" if CUDA else "cpu")
+    assert ref["metadata"]["backend"]["name"] == "torch"
+    a, b = read_tensors(ref["path"]), read_tensors(fast["path"])
+    assert a.keys() == b.keys()
+    base = read_tensors(tiny["base"])
+    changed = 0
+    for name in a:
+        # fp32 output: the kernels' sums run in another order, nothing more
+        torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-6, msg=name)
+        changed += not torch.equal(a[name], base[name].float())
+    assert changed >= 3  # the adapters' modules really changed
+    kernel = "ties_merge_lora" if "ties" in strategy else "linear_merge"
+    assert kernel_calls == {kernel: changed}, kernel_calls  # every changed tensor, by the kernel
+
+
 def test_merge_yaml_takes_the_backend(cli, tiny, tmp_path) -> None:
     register(cli, tiny)
     cfg = tmp_path / "m.yaml"
@@ -103,3 +159,35 @@ def test_merge_yaml_takes_the_backend(cli, tiny, tmp_path) -> None:
     art = ok_json(cli, "merge", "--config", cfg)
     assert art["metadata"]["backend"] == {"name": "torch", "device": "cpu", "plugin": None, "version": None}
     assert art["metadata"]["device_peak_bytes"] is None
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_on_triton_gives_the_same_bytes(cli, tiny, monkeypatch, kernel_calls, double_quant) -> None:
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    register(cli, tiny)
+    args = ["quantize", "tb", "--method", "nf4", "--double-quant" if double_quant else "--no-double-quant"]
+    ref = ok_json(cli, *args, "--name", "q_ref", "--backend", "torch")
+    fast = ok_json(cli, *args, "--name", "q_fast", "--backend", "triton", "--force")
+    assert fast["metadata"]["backend"]["name"] == "triton"
+    a, b = read_tensors(ref["path"]), read_tensors(fast["path"])
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert fast["metadata"]["quant_errors"] == ref["metadata"]["quant_errors"]
+    quantized = len(ref["metadata"]["quant_errors"])
+    assert kernel_calls == {"quantize_4bit": quantized, "dequantize_4bit": quantized}, kernel_calls
+
+
+def test_qlora_merge_on_triton_equals_torch(cli, tiny, monkeypatch, kernel_calls) -> None:
+    if not CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    register(cli, tiny)
+    common = ["merge", "--adapter", "a1", "--qlora", "nf4", "--qlora-param", "double_quant=true"]
+    ref = ok_json(cli, *common, "--name", "ref", "--backend", "torch")
+    fast = ok_json(cli, *common, "--name", "fast", "--backend", "triton", "--force")
+    a, b = read_tensors(ref["path"]), read_tensors(fast["path"])
+    for name in a:  # bf16 output: one rounding step apart at most
+        torch.testing.assert_close(b[name].float(), a[name].float(), rtol=8e-3, atol=1e-5, msg=name)
+    assert kernel_calls["quantize_4bit"] == kernel_calls["dequantize_4bit"] >= 7  # every linear weight
+    assert kernel_calls["linear_merge"] == 3  # the adapter's modules
