@@ -56,7 +56,7 @@ def register_backends(register) -> None:
 
 @hookimpl
 def get_kernel(op: str, device: str, dtype: str, params) -> Callable[..., Any] | None:
-    if params.get("backend") != NAME or dtype not in _FLOATS:
+    if params.get("backend") != NAME or dtype not in _FLOATS or not _runs_on(device):
         return None
     if op == "merge_tensor":
         from adaptr.ops.merge_tensor import merge_tensor
@@ -81,6 +81,11 @@ def get_kernel(op: str, device: str, dtype: str, params) -> Callable[..., Any] |
 
         return dequantize_4bit
     return None
+
+
+def _runs_on(device: str) -> bool:
+    """Compiled kernels need CUDA tensors; the interpreter takes CPU ones."""
+    return device.startswith("cuda") or (device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _fused_merge(op: Any) -> Any:
