@@ -14,10 +14,10 @@ import kernel_checks  # before the kernel module: selects the interpreter withou
 
 import pytest
 import torch
-from adaptr_triton import quant4 as tq
 
 from adaptr.errors import InvalidInputError
 from adaptr.ops import quant4 as ref
+from adaptr_triton import quant4 as tq
 
 DEVICE = kernel_checks.DEVICE
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
