@@ -14,13 +14,13 @@ import os
 import kernel_checks  # noqa: F401  (selects the interpreter before the kernels are imported)
 import pytest
 import torch
-from adaptr_triton import linear_merge as kernel
 from kernel_checks import DEVICE, poison
 
 from adaptr.errors import InvalidInputError
 from adaptr.ops.linear_merge import linear_merge as twin
 from adaptr.ops.philox import keep_mask_np
 from adaptr.ops.random_drop import tensor_seed
+from adaptr_triton import linear_merge as kernel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # absolute and relative tolerance of one output in each dtype (about 1 ulp of the 16-bit ones)

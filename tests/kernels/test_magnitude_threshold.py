@@ -14,8 +14,6 @@ import os
 import kernel_checks  # noqa: F401  (selects the interpreter before the kernels are imported)
 import pytest
 import torch
-from adaptr_triton import magnitude_threshold as kernel
-from adaptr_triton.lora_tiles import pack_factors
 from kernel_checks import DEVICE
 
 from adaptr.errors import InvalidInputError
@@ -23,6 +21,8 @@ from adaptr.ops.lora_delta import lora_delta
 from adaptr.ops.magnitude_threshold import lora_magnitude_threshold as twin
 from adaptr.ops.magnitude_threshold import magnitude_threshold
 from adaptr.ops.random_drop import random_drop, tensor_seed
+from adaptr_triton import magnitude_threshold as kernel
+from adaptr_triton.lora_tiles import pack_factors
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

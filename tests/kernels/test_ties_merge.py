@@ -16,12 +16,12 @@ import os
 import kernel_checks  # noqa: F401  (selects the interpreter before the kernels are imported)
 import pytest
 import torch
-from adaptr_triton import ties_merge as kernel
 from kernel_checks import DEVICE, poison
 
 from adaptr.errors import InvalidInputError
 from adaptr.ops.random_drop import tensor_seed
 from adaptr.ops.ties_merge import ties_merge_lora as twin
+from adaptr_triton import ties_merge as kernel
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 1.6e-2)}
