@@ -128,6 +128,20 @@ def test_random_floats_within_tolerance(dtype, mode, count) -> None:
     assert not got.isnan().any(), f"seed {seed}"
 
 
+def test_signed_and_zero_weights() -> None:
+    """The generic function takes any weights: agreement is judged on the weighted delta and the
+    divisor is the signed sum of agreeing weights (0 → 1), as in the twin."""
+    seed, g = _rng()
+    base = torch.randn(30, 41, generator=g).to(DEVICE)
+    factors = _factors(g, (30, 41), 4, 3, torch.float32)
+    keys = [tensor_seed(seed, "w", i) for i in range(3)]
+    for weights in ([1.0, -1.0, 0.5], [-0.5, -0.25, 0.0]):
+        for kw in ({"density": 0.3}, {"seeds": keys, "drop_density": 0.4}):
+            want = twin(base, factors, weights, **kw)
+            got = _run_poisoned(base, factors, weights, **kw)
+            assert torch.equal(got, want), f"seed {seed}, {weights}, {list(kw)}"
+
+
 def test_everything_trimmed_away_is_the_base_and_out_dtype() -> None:
     seed, g = _rng()
     base = torch.randn(9, 13, generator=g).to(DEVICE)
