@@ -82,7 +82,8 @@ def _notes_to_stderr() -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        level = os.environ.get("ADAPTR_LOG_LEVEL", "INFO").upper()  # DEBUG: e.g. why a backend was chosen
+        logger.setLevel(level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO")
         logger.propagate = False
 
 

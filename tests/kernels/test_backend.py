@@ -78,6 +78,27 @@ def test_auto_chooses_by_device() -> None:
     assert backends.select("torch") is backends.TORCH
 
 
+def test_auto_says_why_at_debug_level(monkeypatch: pytest.MonkeyPatch) -> None:
+    import logging
+
+    from adaptr import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("adaptr.backends")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)  # setLevel, not the attribute: it clears the logger's level cache
+    try:
+        assert backends.select("auto") is backends.TORCH
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any("backend auto -> torch" in m and "triton: no CUDA device is visible" in m for m in seen), seen
+
+
 def test_explicit_triton_without_a_gpu_is_refused(cli, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     register(cli, tiny)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
