@@ -5,8 +5,10 @@ int32 patterns). Pass 1 recomputes every ΔW tile from the factors and counts ``
 (32768 buckets, the sign bit being clear) into a global int32 histogram per adapter with atomic
 adds; torch then finds the bucket holding the k-th largest, and how many lie above it. Pass 2
 recomputes the tiles and counts the low 16 bits of just the elements in that bucket (65536 bins);
-the k-th largest's exact bit pattern is read off. Nothing of size d×k is written: the histograms
-are 384 KiB per adapter. Several adapters are selected in the same two launches (grid axis 1).
+the k-th largest's exact bit pattern is read off. Zeros are not counted (under DARE most entries
+are, and they would all hit one counter): the host adds them back. Nothing of size d×k is written:
+the histograms are 384 KiB per adapter. Several adapters are selected in the same two launches
+(grid axis 1).
 
 Bin counts go straight to global memory with ``tl.atomic_add`` rather than through a per-program
 ``tl.histogram``: a 32768- or 65536-bin histogram is far too large for one program's registers.
@@ -89,7 +91,9 @@ def _magnitude_histogram_kernel(
         keep = keep_tile(tl.load(seed_ptr + i), offs_m, offs_n, N, drop_density)
         tile = tl.where(keep, tl.div_rn(tile, drop_density), 0.0)
     bits = tl.abs(tile).to(tl.int32, bitcast=True)
-    valid = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    # Zeros (most of a DARE-dropped delta) are not counted: they would all hit one counter, whose
+    # atomics serialise; the host adds them back as n minus everything counted.
+    valid = (offs_m[:, None] < M) & (offs_n[None, :] < N) & (bits != 0)
     if LOW:
         valid = valid & ((bits >> 16) == tl.load(bucket_ptr + row))
         bins = bits & 0xFFFF
@@ -143,7 +147,10 @@ def select_thresholds(
     _magnitude_histogram_kernel[grid](
         high, packed.left, packed.right, packed.ranks, packed.post, pick, seed_arg, pick, LOW=False, **common
     )
-    bucket, above = _locate_from_top(high.long(), k)
+    high = high.long()
+    zeros = packed.M * packed.N - high.sum(1)
+    high[:, 0] += zeros
+    bucket, above = _locate_from_top(high, k)
     low = torch.zeros((rows, _LO_BINS), dtype=torch.int32, device=device)
     bucket32 = bucket.to(torch.int32)
     _magnitude_histogram_kernel[grid](
@@ -158,7 +165,9 @@ def select_thresholds(
         LOW=True,
         **common,
     )
-    pattern, _ = _locate_from_top(low.long(), k - above)
+    low = low.long()
+    low[:, 0] += torch.where(bucket == 0, zeros, 0)  # the pattern of +0.0 is bucket 0's first
+    pattern, _ = _locate_from_top(low, k - above)
     return [bits_to_float(int(b) << 16 | int(p)) for b, p in zip(bucket.tolist(), pattern.tolist())]
 
 
