@@ -147,6 +147,8 @@ def quantize(
                 existing, name=spec.name, new_version=new_version, parents=[parent], operation="quantize"
             )
             return {**art, "reused": True, "seconds": round(time.perf_counter() - started, 3)}
+    # a named backend that cannot run here fails before any work (auto never fails: no probe needed)
+    chosen = backends.select(spec.backend) if spec.backend != backends.AUTO or not dry_run else None
     if dry_run:
         return dry_run_result(catalog, existing, recipe, spec.name, "quantized", new_version)
     with catalog.session() as s:  # fail on a taken name before reading a tensor
@@ -173,7 +175,7 @@ def quantize(
                 progress=advance,
                 quantize=step,
                 report=report,
-                backend=backends.select(spec.backend),
+                backend=chosen or backends.TORCH,
                 stats=stats,
             )
         compute = manifest.dtype or "bfloat16"

@@ -107,7 +107,9 @@ def test_explicit_triton_without_a_gpu_is_refused(cli, tiny, monkeypatch: pytest
     assert code == 1, (out, err)
     assert "backend 'triton' cannot run here: no CUDA device is visible" in err
     assert "TRITON_INTERPRET=1" in err and "Traceback" not in err
-    assert ok_json(cli, "ls", "--kind", "merged") == []
+    code, _out, err = cli("quantize", "tb", "--method", "nf4", "--name", "q", "--backend", "triton")
+    assert code == 1 and "backend 'triton' cannot run here" in err
+    assert ok_json(cli, "ls", "--kind", "merged") == [] and ok_json(cli, "ls", "--kind", "quantized") == []
 
 
 def test_unknown_backend_is_refused_before_work(cli, tiny) -> None:
