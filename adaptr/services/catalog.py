@@ -204,16 +204,23 @@ class Catalog:
             select(Tag.artifact_id, Tag.tag).where(col(Tag.artifact_id).in_(ids)).order_by(Tag.tag)
         ):
             tags.setdefault(aid, []).append(tag)
+        # Parents and bases by name and version only: their JSON columns (a manifest is kilobytes)
+        # would be decoded once per edge, most of a listing's time on a catalog of merges.
         parents: dict[int, list[dict[str, str]]] = {}
-        for e, p in session.exec(
-            select(LineageEdge, Artifact)
+        for child_id, operation, name, version in session.exec(
+            select(LineageEdge.child_id, LineageEdge.operation, Artifact.name, Artifact.version)
             .where(col(LineageEdge.child_id).in_(ids), LineageEdge.parent_id == Artifact.id)
             .order_by(LineageEdge.id)
         ):
-            parents.setdefault(e.child_id, []).append({"ref": _ref(p), "operation": e.operation})
+            parents.setdefault(child_id, []).append({"ref": f"{name}@{version}", "operation": operation})
         base_ids = {a.base_id for a in arts if a.base_id}
         bases = (
-            {b.id: b for b in session.exec(select(Artifact).where(col(Artifact.id).in_(base_ids)))}
+            {
+                i: f"{name}@{version}"
+                for i, name, version in session.exec(
+                    select(Artifact.id, Artifact.name, Artifact.version).where(col(Artifact.id).in_(base_ids))
+                )
+            }
             if base_ids
             else {}
         )
@@ -228,7 +235,7 @@ class Catalog:
                 "size_bytes": art.size_bytes,
                 "path": art.path,
                 "storage": art.storage,
-                "base": _ref(bases[art.base_id]) if art.base_id in bases else None,
+                "base": bases.get(art.base_id) if art.base_id else None,
                 "parents": parents.get(art.id, []),
                 "tags": tags.get(art.id, []),
                 "flags": list(art.flags),

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import String, and_, cast, or_
+from sqlalchemy.orm import defer
 from sqlmodel import col, select
 
 from adaptr.catalog.models import Artifact, Tag
@@ -88,7 +89,7 @@ def query(
     key = _column(sort)
     after = _decode(cursor, sort, order) if cursor else None
     with catalog.session() as s:
-        q = select(Artifact)
+        q = select(Artifact).options(defer(col(Artifact.manifest)))  # a listing shows no manifest
         f = filters
         if f.kind:
             q = q.where(Artifact.kind == f.kind)
