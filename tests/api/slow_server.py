@@ -1,5 +1,7 @@
-"""``adaptr`` with every job progress callback slowed down (ADAPTR_TEST_JOB_DELAY seconds), so a
-test can kill or cancel a merge while it runs. Test-only: the product has no such switch."""
+"""``adaptr`` whose job worker slows down every job progress callback (ADAPTR_TEST_JOB_DELAY
+seconds), so a test can kill or cancel a merge while it runs. Test-only: the product has no such
+switch. ``slow_server.py serve ...`` is the server; it starts ``slow_server.py --job-worker ...``
+as its job worker process."""
 
 from __future__ import annotations
 
@@ -26,8 +28,14 @@ def _slow_task(self, description, total):
 
 
 jobs.JobProgress.task = _slow_task
+jobs.JobRunner.command = [sys.executable, os.path.abspath(__file__), "--job-worker"]
 
 if __name__ == "__main__":
-    from adaptr.cli import main
+    if sys.argv[1:2] == ["--job-worker"]:
+        from adaptr.services import job_worker
 
-    main(sys.argv[1:])
+        job_worker.main(sys.argv[2:])
+    else:
+        from adaptr.cli import main
+
+        main(sys.argv[1:])

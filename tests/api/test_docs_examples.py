@@ -12,7 +12,7 @@ from api.helpers import token
 DOC = Path(__file__).resolve().parents[2] / "docs" / "rest-api.md"
 
 
-def test_rest_api_doc_examples_run(server, demo_set, tmp_path) -> None:
+def test_rest_api_doc_examples_run(server, demo_set, tmp_path, backend) -> None:
     blocks = re.findall(r"```sh\n(.*?)```", DOC.read_text(encoding="utf-8"), re.S)
     assert len(blocks) >= 10
     server.start()

@@ -10,7 +10,7 @@ from pathlib import Path
 from api.helpers import register_demo, token
 
 
-def test_schemathesis_against_the_live_schema(server, demo_set) -> None:
+def test_schemathesis_against_the_live_schema(server, demo_set, backend) -> None:
     server.start()
     admin = token("admin")
     c = server.client(admin)

@@ -4,6 +4,8 @@ Bodies are the service spec models themselves (``MergeSpec``, ``QuantizeSpec``, 
 FastAPI validates them (422 naming the field), then the service validates the rest with
 ``dry_run=True`` before the job is queued, so a request that cannot run is refused at once. A
 recipe already in the catalog answers 200 with a finished job holding the reused artifact.
+A queued job is data (its kind, the stored request, options): the job worker process runs the
+task of :mod:`adaptr.services.job_tasks` for its kind.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _computed(
         result = service(spec, catalog=Catalog(), force=False)  # links the stored files; no tensor read
         response.status_code = 200
         return runner.record(kind, _dump(spec), result=result)
-    return runner.submit(kind, _dump(spec), lambda cat: service(spec, catalog=cat, force=force))
+    return runner.submit(kind, _dump(spec), {"force": force})
 
 
 @router.post("/merges", response_model=models.Job, status_code=202, dependencies=write, responses=REUSED)
@@ -102,7 +104,7 @@ def create_export(spec: ExportSpec, runner: JobRunner = Depends(_runner)) -> dic
     spec = spec.model_copy(update={"out": confine_out(spec.out)})
     spec.out.parent.mkdir(parents=True, exist_ok=True)
     export(spec, catalog=Catalog(), dry_run=True)
-    return runner.submit("export", _dump(spec), lambda cat: export(spec, catalog=cat))
+    return runner.submit("export", _dump(spec))
 
 
 @router.post("/runs", response_model=models.Job, status_code=202, dependencies=write)
@@ -123,7 +125,7 @@ def create_run(body: models.RunRequest, runner: JobRunner = Depends(_runner)) ->
             confine_out(Path(folder / out))
     run(pipe, catalog=Catalog(), force=body.force, dry_run=True)
     request = {"pipeline": body.pipeline, "force": body.force, "folder": str(folder)}
-    return runner.submit("run", request, lambda cat: run(pipe, catalog=cat, force=body.force))
+    return runner.submit("run", request)
 
 
 @router.get("/jobs", response_model=list[models.Job], dependencies=[Depends(require("read"))])
