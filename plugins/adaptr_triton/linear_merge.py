@@ -43,8 +43,8 @@ def _linear_merge_kernel(
     # Matrix dimensions, the padded rank and the number of adapters
     M,
     N,
-    RP,
-    n_factors,
+    RP: tl.constexpr,
+    N_FACTORS: tl.constexpr,
     # The strides of the base weight: how far to move to go one row / one column down
     stride_wm,
     stride_wn,
@@ -60,7 +60,7 @@ def _linear_merge_kernel(
 ):
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for i in range(n_factors):
+    for i in range(N_FACTORS):
         tile = delta_tile(
             left_ptr,
             right_ptr,

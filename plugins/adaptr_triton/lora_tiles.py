@@ -181,7 +181,7 @@ def delta_tile(
     offs_n,  # column indices of the tile
     M,
     N,
-    RP,
+    RP: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,

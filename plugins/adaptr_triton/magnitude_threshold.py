@@ -57,7 +57,7 @@ def _magnitude_histogram_kernel(
     # Matrix dimensions and the padded rank
     M,
     N,
-    RP,
+    RP: tl.constexpr,
     # DARE keep probability, float32: δ = keep ? tile / density : 0 (only with DROP)
     drop_density,
     # Meta-parameters

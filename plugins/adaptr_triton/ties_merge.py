@@ -53,7 +53,7 @@ def _weighted_tile(
     offs_n,
     M,
     N,
-    RP,
+    RP: tl.constexpr,
     drop_density,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -104,8 +104,8 @@ def _ties_merge_kernel(
     # Matrix dimensions, the padded rank and the number of adapters taking part
     M,
     N,
-    RP,
-    n_picked,
+    RP: tl.constexpr,
+    N_PICKED: tl.constexpr,
     # The strides of the base weight: how far to move to go one row / one column down
     stride_wm,
     stride_wn,
@@ -125,7 +125,7 @@ def _ties_merge_kernel(
     offs_m, offs_n = tile_offsets(M, N, BLOCK_M, BLOCK_N)
     # Elect: the sign of Σ w_i·δ_i (an exact 0 elects +).
     total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in range(n_picked):
+    for j in range(N_PICKED):
         total += _weighted_tile(
             left_ptr,
             right_ptr,
@@ -152,7 +152,7 @@ def _ties_merge_kernel(
     # Disjoint merge over the deltas that agree with the elected sign (recomputed: nothing stored).
     num = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     div = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in range(n_picked):
+    for j in range(N_PICKED):
         i = tl.load(pick_ptr + j)
         wd = _weighted_tile(
             left_ptr,
