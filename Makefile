@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format docs bench bench-quantize bench-api clean
+.PHONY: demo test lint format docs bench bench-quantize bench-api bench-gpu clean
 
 $(STAMP): pyproject.toml docs/plugins/example/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench-quantize: $(STAMP)
 
 bench-api: $(STAMP)
 	$(PY) benchmarks/bench_api.py
+
+# On a CUDA GPU, with the venv's python if there is one, else $(PYTHON) (BENCH_GPU_ARGS: --quick, --dry-run, --out F).
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/gpu_kernels.py $(BENCH_GPU_ARGS)
 
 clean:
 	rm -rf .demo build dist
