@@ -1,10 +1,11 @@
 """Catalog list latency of the REST API, idle and while a merge job runs (loopback only, bounded).
 
-    .venv/bin/python benchmarks/bench_api.py [--requests 300] [--seconds 60]
+    .venv/bin/python benchmarks/bench_api.py [--requests 300] [--seconds 60] [--merges 20]
 
 Starts ``adaptr serve`` on 127.0.0.1 over a throwaway home with the demo base and adapters plus
 ``--extra`` registered copies, then times ``GET /v1/artifacts?limit=50`` sequentially: first idle,
-then while merge jobs run back to back (each a new version, ``force=true``). Prints JSON.
+then while merge jobs run back to back (each a new version, ``force=true``), ``--requests`` and
+on until ``--merges`` merges are done (within half of ``--seconds`` each). Prints JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,9 +33,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _measure(c: httpx.Client, n: int, deadline: float) -> dict:
-    times = []
-    for _ in range(n):
+def _measure(c: httpx.Client, n: int, deadline: float, more: Callable[[], bool] = lambda: False) -> dict:
+    """``n`` timed requests, and on while ``more()``, until ``deadline``."""
+    times: list[float] = []
+    while len(times) < n or more():
         if time.monotonic() > deadline:
             break
         t = time.perf_counter()
@@ -51,6 +54,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--extra", type=int, default=20, help="extra adapter versions in the catalog")
+    ap.add_argument(
+        "--merges", type=int, default=20, help="time requests until at least this many merges are done"
+    )
     a = ap.parse_args()
     from adaptr.services import tokens
     from adaptr.testing import make_demo_set
@@ -96,7 +102,7 @@ def main() -> None:
         t = threading.Thread(target=merging, daemon=True)
         t.start()
         time.sleep(0.5)
-        busy = _measure(c, a.requests, time.monotonic() + a.seconds / 2)
+        busy = _measure(c, a.requests, time.monotonic() + a.seconds / 2, lambda: merges[0] < a.merges)
         stop.set()
         t.join(120)
         n = len(c.get("/artifacts", params={"limit": 500}).json()["items"])
