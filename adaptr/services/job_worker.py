@@ -68,14 +68,10 @@ class Worker:
 
 
 def _preload() -> None:
-    """Import what jobs run (torch among it) now, while the server starts, not in the first job."""
-    import importlib
-
-    for name in ("adaptr.services.jobs", "adaptr.services.merge", "adaptr.services.quantize", "torch"):
-        try:
-            importlib.import_module(name)
-        except ImportError as e:  # the job that needs it will say so
-            log.debug("preload %s: %s", name, e)
+    """Import the job machinery now. Not the services' heavy imports (torch: 2-3 s of CPU): a
+    server that runs no job should not pay them, and the first job pays them in this process,
+    where they delay no request."""
+    from adaptr.services import job_tasks, jobs  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -276,22 +276,16 @@ class JobRunner:
                 self._owner.pop(job_id, None)
                 self._running.discard(job_id)
             closing = self._closing
-        if not lost:
-            return
-        error = (
-            _INTERRUPTED
-            if closing
-            else {
+        if lost and not closing:  # when closing, shutdown() marks what did not stop cancelled
+            error = {
                 "code": "worker_died",
                 "message": f"the job worker process stopped unexpectedly (exit status {code}); "
                 "nothing was registered",
                 "hint": "submit it again; see the server's log",
             }
-        )
-        for job_id, _ in lost:
-            for before in ACTIVE:
-                _transition(job_id, before, state="failed", error=error, finished_at=datetime.now(UTC))
-        if not closing:
+            for job_id, _ in lost:
+                for before in ACTIVE:
+                    _transition(job_id, before, state="failed", error=error, finished_at=datetime.now(UTC))
             log.error("the job worker stopped (exit status %s); %d job(s) failed", code, len(lost))
             _collect_garbage()
         for _, done in lost:
