@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from adaptr.cli.output import JSON_OPTION, build_spec, catalog, emit_json, report_lines
+from adaptr.cli.output import BACKEND_OPTION, JSON_OPTION, build_spec, catalog, emit_json, report_lines
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -108,13 +108,7 @@ def merge(
         metavar="MODULE",
         help="Module left unquantized (repeatable; default: lm_head and the embeddings).",
     ),
-    backend: str = typer.Option(
-        None,
-        "--backend",
-        metavar="auto|torch|NAME",
-        help="Where the arithmetic runs: auto (default: a GPU backend when one is usable), torch, or a "
-        "backend listed by `adaptr plugins` (triton).",
-    ),
+    backend: str = BACKEND_OPTION,
     config: Path = typer.Option(
         None, "--config", metavar="FILE.yaml", help="YAML file with the same keys as these flags."
     ),

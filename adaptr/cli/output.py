@@ -9,6 +9,13 @@ from typing import Any
 
 import typer
 
+BACKEND_OPTION = typer.Option(
+    None,
+    "--backend",
+    metavar="auto|torch|NAME",
+    help="Where the arithmetic runs: auto (default: a GPU backend when one is usable), torch, or a "
+    "backend listed by `adaptr plugins` (triton).",
+)
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON to stdout.")
 
 
