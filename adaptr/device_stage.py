@@ -71,5 +71,12 @@ class DeviceStage:
             op, base=self.put(op.base), contributions=contributions, dora_magnitude=magnitude, workspace=None
         )
 
+    def budget(self, host_budget: int) -> int:
+        """Bytes of working sets the engine may hold at once: on a GPU, also at most half its free memory."""
+        if not self.cuda:
+            return host_budget
+        free, _total = torch.cuda.mem_get_info(self.device)
+        return min(host_budget, free // 2)
+
     def peak_bytes(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.device)) if self.cuda else None

@@ -110,6 +110,8 @@ def execute(
     # Delta scratch is reused across tensors (fresh buffers cost page faults and zeroing); the
     # pool keeps at most half the budget.
     workspace = Workspace(budget // 2)
+    # On a GPU the same working sets live in device memory: admit no more than half of what is free.
+    budget = stage.budget(budget)
 
     def produce(t: OutputTensor, job: Any) -> _Produced:
         with stage.stream():
