@@ -23,6 +23,11 @@ def test_full_flow_matches_the_cli(server, demo_set, backend) -> None:
     assert job["state"] == "succeeded", job
     art = job["result"]
     assert art["ref"] == "m-ties@1" and job["progress"]["tensors_total"] > 0
+    import torch
+
+    assert art["metadata"]["backend"]["name"] == ("triton" if torch.cuda.is_available() else "torch")  # auto
+    bad = c.post("/merges", json={**MERGE, "name": "m-gpu", "backend": "cuda"})  # refused before queueing
+    assert bad.status_code == 422 and "unknown backend 'cuda'" in bad.json()["error"]["message"], bad.text
 
     again = c.post("/merges", json=MERGE)  # an existing recipe answers at once
     assert again.status_code == 200 and again.json()["state"] == "succeeded"
