@@ -78,9 +78,9 @@ def select(name: str) -> Selected:
             chosen = Selected(candidate, device, why, plugin, get_host().plugin_version(plugin))
             log.debug("backend %s on %s (%s)", candidate, device, why)
             return chosen
+        if name != AUTO:
+            raise BackendUnavailableError(f"backend {name!r} cannot run here: {why}")
         reasons.append(f"{candidate}: {why}")
-    if name != AUTO:
-        raise BackendUnavailableError(f"backend {name!r} cannot run here: {reasons[0].split(': ', 1)[1]}")
     log.debug("backend auto -> torch (%s)", "; ".join(reasons) or "no accelerated backend installed")
     return TORCH
 

@@ -100,9 +100,9 @@ def execute(
     stage = DeviceStage(backend.device)
     # On an accelerator two workers suffice: one transfers while the other's kernels run. A
     # backend hosted on the CPU (Triton's interpreter, which keeps global launch state) gets one.
-    workers = merge_workers(default=2 if stage.cuda else None)
-    if backend.accelerated and not stage.cuda:
-        workers = 1
+    workers = (
+        1 if backend.accelerated and not stage.cuda else merge_workers(default=2 if stage.cuda else None)
+    )
     # Tensors are merged concurrently only while their estimated working memory fits in
     # 6x the largest output tensor (the writer may hold 2x more): memory never grows with
     # model size. One tensor is always admitted, whatever its estimate.

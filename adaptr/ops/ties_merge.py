@@ -16,6 +16,7 @@ from adaptr.ops.checks import (
     per_delta_density,
 )
 from adaptr.ops.magnitude_threshold import bits_to_float, float_bits, magnitude_threshold
+from adaptr.ops.weighted_sum import weighted_sum
 
 # Elements per chunk of the fused TIES merge: a handful of 1 MiB buffers stay in L2.
 _MERGE_CHUNK = 1 << 16
@@ -39,11 +40,7 @@ def elect_sign(deltas: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     Raises:
         InvalidInputError: for no deltas, mismatched shapes or a weight count that differs.
     """
-    items, ws = check_group(deltas, weights)
-    total = items[0].float() * ws[0]
-    for d, w in zip(items[1:], ws[1:]):
-        total.add_(d.float() * w)
-    return total >= 0
+    return weighted_sum(deltas, weights) >= 0  # the same float32 products, summed left to right
 
 
 def disjoint_merge(

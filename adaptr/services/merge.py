@@ -251,7 +251,7 @@ def merge(
             )
             return {**art, "reused": True, **_took(started)}
     # a named backend that cannot run here fails before any work (auto never fails: no probe needed)
-    chosen = backends.select(spec.backend) if spec.backend != backends.AUTO or not dry_run else None
+    chosen = backends.select(spec.backend) if spec.backend != backends.AUTO or not dry_run else backends.TORCH
     if dry_run:
         return dry_run_result(catalog, existing, recipe, spec.name, kind, new_version)
     with catalog.session() as s:  # fail on a taken name before reading a tensor
@@ -284,7 +284,7 @@ def merge(
                 qlora=qlora,
                 tee=tee,
                 report=report,
-                backend=chosen or backends.TORCH,
+                backend=chosen,
                 stats=stats,
             )
         untied = plan.untied is not None

@@ -148,7 +148,7 @@ def quantize(
             )
             return {**art, "reused": True, "seconds": round(time.perf_counter() - started, 3)}
     # a named backend that cannot run here fails before any work (auto never fails: no probe needed)
-    chosen = backends.select(spec.backend) if spec.backend != backends.AUTO or not dry_run else None
+    chosen = backends.select(spec.backend) if spec.backend != backends.AUTO or not dry_run else backends.TORCH
     if dry_run:
         return dry_run_result(catalog, existing, recipe, spec.name, "quantized", new_version)
     with catalog.session() as s:  # fail on a taken name before reading a tensor
@@ -175,7 +175,7 @@ def quantize(
                 progress=advance,
                 quantize=step,
                 report=report,
-                backend=chosen or backends.TORCH,
+                backend=chosen,
                 stats=stats,
             )
         compute = manifest.dtype or "bfloat16"

@@ -95,7 +95,7 @@ def _fused_merge(op: Any) -> Any:
     if (
         op.dora_magnitude is not None
         or op.base.dim() != 2
-        or op.base.dtype not in _dtypes()
+        or str(op.base.dtype).removeprefix("torch.") not in _FLOATS
         or not op.contributions
         or not all(isinstance(c, LoraFactors) and c.lora_A.dim() == 2 for c in op.contributions)
     ):
@@ -144,9 +144,3 @@ def _linear_coeffs(strategy: str, p: dict[str, Any], w: list[float]) -> list[flo
         if abs(total) >= 1e-8:
             scale /= total
     return [x * scale for x in w]
-
-
-def _dtypes() -> tuple[Any, ...]:
-    import torch
-
-    return (torch.float32, torch.float16, torch.bfloat16)
